@@ -123,8 +123,10 @@ def parse_args(argv, extra=()):
         default = cfg[name]
         if not eq and isinstance(default, bool):
             text = "true"  # a bare --resume means --resume=True
+        elif not eq:
+            die(f"--{name} needs a value, e.g. --{name}={default!r}", 2)
         value = parse_value(name, text, default)
-        if value is None or not eq:
+        if value is None:
             die(f"--{name}={text} is not a valid {type(default).__name__} (default: {default!r})", 2)
         cfg[name] = value
         given.add(name)
@@ -527,6 +529,7 @@ def improved(value, best, bad_epochs):
 
 def train(cfg, given=()):
     out = cfg["output_dir"]
+    os.makedirs(out, exist_ok=True)
     path = lambda name: os.path.join(out, name)
     device = pick_device(cfg["device"])
     start_time = time.time()
@@ -734,7 +737,7 @@ def save_real_vs_fake(real, fake, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 5))
     for ax, images, title in ((axes[0], real, "real MNIST"), (axes[1], fake, "generated")):
         grid = torchvision.utils.make_grid((images[:64].cpu().float() + 1) / 2, nrow=8)
-        ax.imshow(grid[0], cmap="gray")
+        ax.imshow(grid[0].numpy(), cmap="gray")
         ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()
