@@ -502,9 +502,9 @@ def rng_states():
 def set_rng_states(s):
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
     np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
-    torch.set_rng_state(s["torch"])
+    torch.set_rng_state(s["torch"].cpu())  # RNG states must be CPU tensors, whatever map_location did
     if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""Issue 3: the judge, the Frechet distance and score, evaluation during training and `evaluate`."""
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+
+from conftest import DATA_DIR, config, dm, run_script
+
+CPU = torch.device("cpu")
+
+
+def test_judge_reaches_99_percent_on_the_test_split(judge, mnist, judge_cache):
+    assert dm.judge_accuracy(judge, mnist[2], mnist[3], CPU) >= 0.99
+    assert os.path.isfile(os.path.join(judge_cache, "judge_lenet.pt"))
+
+
+def test_judge_is_cached_and_retrained_only_when_unreadable(judge_cache, mnist, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(dm, "train_judge", lambda *a, **k: calls.append(1) or dm.Judge().eval())
+    dm.get_judge(judge_cache, mnist, CPU)  # cached: loads, no training
+    assert calls == []
+    broken = tmp_path / "broken_cache"
+    broken.mkdir()
+    (broken / "judge_lenet.pt").write_bytes(b"not a checkpoint")
+    dm.get_judge(str(broken), mnist, CPU)  # unreadable: trains again and replaces it
+    assert calls == [1]
+    assert torch.load(broken / "judge_lenet.pt", weights_only=True)["model"]
+
+
+def test_frechet_distance_matches_scipy_sqrtm_on_random_data():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(500, 16)), rng.normal(0.3, 1.5, size=(400, 16)) @ rng.normal(size=(16, 16))
+    mu1, s1 = a.mean(0), np.cov(a, rowvar=False)
+    mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
+    assert dm.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+    assert dm.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-6)
+
+
+def _quality(judge, images, ref_stats):
+    return dm.quality(*dm.judge_outputs(judge, images, CPU), ref_stats)
+
+
+def test_metrics_rank_real_blurred_noise_and_one_digit(judge, mnist):
+    train_x, train_y, test_x, test_y = mnist
+    test = dm.to_float(test_x)
+    ref = dm.feature_stats(dm.judge_outputs(judge, test, CPU)[0])
+    same = _quality(judge, test, ref)
+    real = _quality(judge, dm.to_float(train_x[:10000]), ref)
+    blurred = _quality(judge, F.avg_pool2d(F.pad(test, (1, 1, 1, 1), value=-1), 3, stride=1), ref)
+    noise = _quality(judge, torch.rand(10000, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1, ref)
+    ones = _quality(judge, dm.to_float(train_x[train_y == 1][:5000]), ref)
+    print({k: round(v["fid"], 2) for k, v in dict(same=same, real=real, blurred=blurred, noise=noise, ones=ones).items()})
+    assert same["fid"] == pytest.approx(0, abs=1e-3)
+    assert real["fid"] < 10  # the real-data floor: train vs test digits
+    assert blurred["fid"] > 10 * real["fid"]
+    assert noise["fid"] > 100 * real["fid"]
+    assert ones["fid"] > 30 * real["fid"]
+    assert same["score"] > 9 and real["score"] > 9  # 10 is the maximum
+    assert ones["score"] < 1.5 and ones["max_share"] > 0.95 and ones["min_share"] == 0
+    assert 0.08 < real["min_share"] < real["max_share"] < 0.12  # MNIST is balanced
+
+
+def test_training_with_evaluation_writes_fid_checkpoint_and_pictures(tmp_path, judge_cache):
+    out = str(tmp_path / "run")
+    history = dm.train(config(epochs=2, max_batches=3, batch_size=32, eval_every=1, eval_samples=500,
+                              select_by="fid", cache_dir=judge_cache, output_dir=out), given={"eval_every"})
+    assert all(np.isfinite(history["fid"])) and all(np.isfinite(history["score"]))
+    for name in ("G_best_fid.ckpt", "G_model.ckpt", "progress.gif", "real_vs_fake.png", "losses.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    G = dm.Generator(100)  # a plain state_dict, like G_model.ckpt
+    G.load_state_dict(torch.load(os.path.join(out, "G_best_fid.ckpt"), weights_only=True))
+    # with SELECT_BY="fid", G_model.ckpt follows the FID too: both are the best-FID generator
+    best = torch.load(os.path.join(out, "G_model.ckpt"), weights_only=True)
+    assert all(torch.equal(best[k], v) for k, v in G.state_dict().items())
+    from PIL import Image
+    assert Image.open(os.path.join(out, "progress.gif")).n_frames == 2
+
+
+def test_smoke_runs_skip_evaluation_unless_asked(tmp_path, judge_cache):
+    out = str(tmp_path / "run")
+    history = dm.train(config(epochs=1, max_batches=2, batch_size=16, cache_dir=str(tmp_path / "no_judge"),
+                              output_dir=out))
+    assert np.isnan(history["fid"]).all()
+    assert not os.path.exists(os.path.join(out, "G_best_fid.ckpt"))
+    assert not os.path.exists(tmp_path / "no_judge")  # the judge was not even loaded
+
+
+def test_evaluate_prints_the_table_for_a_smoke_run_checkpoint(tmp_path, judge_cache):
+    out = str(tmp_path / "run")
+    assert run_script("--epochs=2", "--max_batches=3", f"--data_dir={DATA_DIR}", f"--output_dir={out}").returncode == 0
+    result = run_script("evaluate", "--n=1000", f"--data_dir={DATA_DIR}", f"--output_dir={out}",
+                        f"--cache_dir={judge_cache}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "FID" in lines[0] and "score" in lines[0]
+    model_row = next(l for l in lines if "G_model.ckpt" in l)
+    real_row = next(l for l in lines if l.startswith("real"))
+    fid_model, fid_real = float(model_row.split()[-4]), float(real_row.split()[-4])
+    assert fid_model > 10 * fid_real  # 6 steps of training are far from real digits
