@@ -32,6 +32,10 @@ SETTINGS = {
     "paper + EMA, lr 4e-4 both": ["--lr_d=4e-4", "--lr_g=4e-4", "--betas=(0.5,0.999)", "--ema_decay=0.999"],
     "paper + EMA + label smoothing 0.9": PAPER + ["--ema_decay=0.999", "--real_label=0.9"],
     "paper + EMA, batch 64": PAPER + ["--ema_decay=0.999", "--batch_size=64"],
+    "lr 4e-4 both, betas (0.5, 0.999), plain G": ["--lr_d=4e-4", "--lr_g=4e-4", "--betas=(0.5,0.999)",
+                                                  "--ema_decay=0"],
+    "lr 8e-4 both, betas (0.5, 0.999) + EMA": ["--lr_d=8e-4", "--lr_g=8e-4", "--betas=(0.5,0.999)",
+                                               "--ema_decay=0.999"],
 }
 
 
