@@ -1,7 +1,7 @@
 """
 Training speed: the original tutorial's loop against this project's, on the same device and batches.
 
-    python benchmarks/bench_train.py --data_dir=../shared/data [--device=cpu] [--steps=10] [--rounds=6]
+    python benchmarks/bench_train.py --data_dir=../shared/data [--device=cpu] [--steps=10] [--rounds=6] [--no_amp]
 
 Each round times `steps` iterations (D step + G step, batch 128) of (a) a faithful copy of the tutorial's
 loop (per-sample PIL transforms in a DataLoader with num_workers=0, Sigmoid + BCELoss, no detach so the
@@ -123,7 +123,9 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="iterations per round and loop")
     p.add_argument("--rounds", type=int, default=6, help="timed rounds (after one warm-up round)")
     p.add_argument("--data_dir", default=dm.DATA_DIR)
+    p.add_argument("--no_amp", action="store_true", help="ours in float32: what a CPU without native bf16 gets")
     args = p.parse_args()
+    dm.AMP = dm.AMP and not args.no_amp
     device = dm.pick_device(args.device)
     torch.manual_seed(0)
     setups = {"tutorial": tutorial_setup(args.data_dir, device), "ours": ours_setup(args.data_dir, device)}
