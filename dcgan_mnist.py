@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 
 import cv2
 import matplotlib
@@ -473,7 +474,9 @@ def load_checkpoint(path, device):
     if not os.path.isfile(path):
         die(f"{path}: no such checkpoint file", 1)
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles; we report in one line below
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         die(f"{path}: not a readable checkpoint (truncated or another format): {str(e).splitlines()[0][:200]}", 1)
 
@@ -629,6 +632,7 @@ def train(cfg, given=()):
                 if i % 10 == 0 or i == n_batches - 1 or STOP["signal"]:
                     d_mean, g_mean = d_sum.item() / (i + 1), g_sum.item() / (i + 1)
                     if not math.isfinite(d_mean + g_mean):
+                        bar.close()
                         die(f"the loss became {d_mean + g_mean} in epoch {epoch}, batch {i + 1}; stopped without "
                             f"saving (the last good checkpoints in {out} are untouched). Try lower learning rates", 3)
                     bar.set_postfix(D_loss=f"{d_mean:.3f}", G_loss=f"{g_mean:.3f}")

@@ -121,8 +121,8 @@ def smoke_out(tmp_path_factory):
     return out
 
 
-def _bad_checkpoints(folder):
-    good = open(os.path.join(folder, "G_model.ckpt"), "rb").read()
+def _bad_checkpoints(good_folder, folder):
+    good = open(os.path.join(good_folder, "G_model.ckpt"), "rb").read()
     files = {"truncated.ckpt": good[: len(good) // 2], "text.ckpt": b"hello, I am not a checkpoint\n"}
     for name, data in files.items():
         with open(os.path.join(folder, name), "wb") as f:
@@ -133,7 +133,7 @@ def _bad_checkpoints(folder):
 
 
 def test_bad_checkpoints_give_one_clear_line_and_exit_1(smoke_out, tmp_path):
-    for name in _bad_checkpoints(str(tmp_path)):
+    for name in _bad_checkpoints(smoke_out, str(tmp_path)):
         path = str(tmp_path / name)
         for command in ("sample", "evaluate"):
             result = run_script(command, f"--ckpt={path}", f"--output_dir={tmp_path / 'o'}",
@@ -180,7 +180,8 @@ def test_nan_weights_stop_with_exit_3_and_keep_the_good_checkpoints(smoke_out, t
     result = run_script("--resume", "--epochs=3", "--max_batches=2", "--batch_size=16", f"--output_dir={out}",
                         f"--data_dir={DATA_DIR}")
     assert result.returncode == 3, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr and "nan" in result.stderr.splitlines()[-1].lower()
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr and "nan" in last_line.lower() and last_line.startswith("error:")
     assert file_bytes(out) == before  # last.ckpt, G_model.ckpt, D_model.ckpt, pictures: untouched
 
 
