@@ -65,6 +65,7 @@ CONFIG_NAMES = [k for k, v in list(globals().items())  # the names above, in ord
 
 RAW_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+JUDGE_FILE = "judge_lenet_v1.pt"  # bump the version when the judge changes: FIDs of two judges don't compare
 
 
 # -----------------------------------------------------------------------------
@@ -166,6 +167,9 @@ def validate(cfg):
     if device == "mps" and not torch.backends.mps.is_available():
         die("--device=mps but MPS is not available on this machine (try --device=cpu)", 2)
     check_writable(cfg["output_dir"])
+    last = os.path.join(cfg["output_dir"], "last.ckpt")
+    if cfg["resume"] and not os.path.isfile(last):
+        die(f"--resume=True but there is no {last} to resume from", 2)
 
 
 def check_writable(folder):
@@ -338,7 +342,7 @@ def judge_accuracy(judge, images, labels, device):
 
 def get_judge(cache_dir, mnist, device):
     """Load the cached judge, or train it (once per cache folder) and cache it."""
-    path = os.path.join(os.path.expanduser(cache_dir), "judge_lenet.pt")
+    path = os.path.join(os.path.expanduser(cache_dir), JUDGE_FILE)
     judge = Judge().to(device)
     try:
         judge.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
@@ -535,6 +539,16 @@ def train(cfg, given=()):
     device = pick_device(cfg["device"])
     start_time = time.time()
 
+    # a resumed run: check the saved state before any work
+    ckpt = load_checkpoint(path("last.ckpt"), device) if cfg["resume"] else None
+    if ckpt is not None:
+        if not isinstance(ckpt, dict) or not {"config", "state", "rng"} <= set(ckpt):
+            die(f"{path('last.ckpt')}: not a training state saved by this script", 1)
+        for name in ("noise_dim", "batch_size"):  # these define what the saved state means
+            if ckpt["config"][name] != cfg[name]:
+                die(f"{path('last.ckpt')} was trained with --{name}={ckpt['config'][name]}, "
+                    f"not {cfg[name]}; use the same value to resume", 2)
+
     # data and (when FID is computed) the judge
     mnist = load_mnist(cfg["data_dir"])
     data = torch.cat([mnist[0], mnist[2]]).to(device)  # all 70,000 digits, uint8, on the device
@@ -565,16 +579,7 @@ def train(cfg, given=()):
              "bad_epochs": 0, "best_fid": math.inf, "elapsed": 0.0, "grids": [],
              "history": {"epoch": [], "d_loss": [], "g_loss": [], "fid": [], "score": [],
                          "min_share": [], "max_share": []}}
-    if cfg["resume"]:
-        ckpt = load_checkpoint(path("last.ckpt"), device) if os.path.exists(path("last.ckpt")) else None
-        if ckpt is None:
-            die(f"--resume=True but there is no {path('last.ckpt')} to resume from", 2)
-        if not isinstance(ckpt, dict) or not {"config", "state", "rng"} <= set(ckpt):
-            die(f"{path('last.ckpt')}: not a training state saved by this script", 1)
-        for name in ("noise_dim", "batch_size"):  # these define what the saved state means
-            if ckpt["config"][name] != cfg[name]:
-                die(f"{path('last.ckpt')} was trained with --{name}={ckpt['config'][name]}, "
-                    f"not {cfg[name]}; use the same value to resume", 2)
+    if ckpt is not None:
         G.load_state_dict(ckpt["G"])
         D.load_state_dict(ckpt["D"])
         G_ema.load_state_dict(ckpt["G_ema"])

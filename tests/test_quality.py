@@ -14,7 +14,7 @@ CPU = torch.device("cpu")
 
 def test_judge_reaches_99_percent_on_the_test_split(judge, mnist, judge_cache):
     assert dm.judge_accuracy(judge, mnist[2], mnist[3], CPU) >= 0.99
-    assert os.path.isfile(os.path.join(judge_cache, "judge_lenet.pt"))
+    assert os.path.isfile(os.path.join(judge_cache, dm.JUDGE_FILE))
 
 
 def test_judge_is_cached_and_retrained_only_when_unreadable(judge_cache, mnist, tmp_path, monkeypatch):
@@ -24,10 +24,10 @@ def test_judge_is_cached_and_retrained_only_when_unreadable(judge_cache, mnist, 
     assert calls == []
     broken = tmp_path / "broken_cache"
     broken.mkdir()
-    (broken / "judge_lenet.pt").write_bytes(b"not a checkpoint")
+    (broken / dm.JUDGE_FILE).write_bytes(b"not a checkpoint")
     dm.get_judge(str(broken), mnist, CPU)  # unreadable: trains again and replaces it
     assert calls == [1]
-    assert torch.load(broken / "judge_lenet.pt", weights_only=True)["model"]
+    assert torch.load(broken / dm.JUDGE_FILE, weights_only=True)["model"]
 
 
 def test_frechet_distance_matches_scipy_sqrtm_on_random_data():
