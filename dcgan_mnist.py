@@ -525,6 +525,24 @@ def handle_stop_signal(signum, frame):
           file=sys.stderr, flush=True)
 
 
+def build_models(cfg, device):
+    """G and D (DCGAN init), the averaged copy of G that we sample from, and the two Adams."""
+    G = Generator(cfg["noise_dim"]).to(device)
+    D = Discriminator().to(device)
+    G.apply(weights_init)
+    D.apply(weights_init)
+    if cfg["channels_last"]:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)  # what we sample and checkpoint
+    fused = device.type == "cuda"  # one fused kernel for the whole Adam update
+    D_optimizer = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=cfg["betas"], fused=fused)
+    G_optimizer = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], betas=cfg["betas"], fused=fused)
+    if cfg["compile"]:  # compiles in place: state_dict keys stay plain (no "_orig_mod.")
+        G.compile()
+        D.compile()
+    return G, D, G_ema, G_optimizer, D_optimizer
+
+
 def improved(value, best, bad_epochs):
     """Early-stopping bookkeeping: (is it a new best, the best so far, epochs without improvement)."""
     if value < best:
@@ -561,16 +579,7 @@ def train(cfg, given=()):
 
     # models and optimizers
     set_seed(cfg["seed"], cfg["deterministic"])
-    G = Generator(cfg["noise_dim"]).to(device)
-    D = Discriminator().to(device)
-    G.apply(weights_init)
-    D.apply(weights_init)
-    if cfg["channels_last"]:
-        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)  # what we sample and checkpoint
-    fused = device.type == "cuda"  # one fused kernel for the whole Adam update
-    D_optimizer = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=cfg["betas"], fused=fused)
-    G_optimizer = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], betas=cfg["betas"], fused=fused)
+    G, D, G_ema, G_optimizer, D_optimizer = build_models(cfg, device)
     amp = use_bf16(device, cfg["amp"])
     fixed_noise = torch.randn(64, cfg["noise_dim"], 1, 1, generator=torch.Generator().manual_seed(cfg["seed"]))
 
@@ -598,10 +607,6 @@ def train(cfg, given=()):
                 "fixed_noise": fixed_noise, "state": {**state, "elapsed": time.time() - start_time},
                 "rng": rng_states(), "config": cfg}
         atomic_write(path("last.ckpt"), lambda p: torch.save(ckpt, p))
-
-    if cfg["compile"]:  # compiles in place: state_dict keys stay plain (no "_orig_mod.")
-        G.compile()
-        D.compile()
 
     n_batches = math.ceil(len(data) / cfg["batch_size"])
     if cfg["max_batches"]:

@@ -82,19 +82,7 @@ def ours_setup(data_dir, device):
     cfg = {name.lower(): getattr(dm, name) for name in dm.CONFIG_NAMES}
     mnist = dm.load_mnist(data_dir)
     data = torch.cat([mnist[0], mnist[2]]).to(device)
-    G, D = dm.Generator(100).to(device), dm.Discriminator().to(device)
-    G.apply(dm.weights_init)
-    D.apply(dm.weights_init)
-    if cfg["channels_last"]:
-        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    G_ema = dm.copy.deepcopy(G).requires_grad_(False)
-    fused = device.type == "cuda"
-    G_optimizer = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], betas=cfg["betas"], fused=fused)
-    D_optimizer = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=cfg["betas"], fused=fused)
-    if cfg["compile"]:
-        G.compile()
-        D.compile()
-    return data, G, D, G_ema, G_optimizer, D_optimizer, cfg
+    return (data, *dm.build_models(cfg, device), cfg)
 
 
 def run_ours(setup, steps, device):
