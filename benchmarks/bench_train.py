@@ -81,12 +81,12 @@ def run_tutorial(setup, steps, device):
 def ours_setup(data_dir, device):
     cfg = {name.lower(): getattr(dm, name) for name in dm.CONFIG_NAMES}
     mnist = dm.load_mnist(data_dir)
-    data = torch.cat([mnist[0], mnist[2]]).to(device)
-    return (data, *dm.build_models(cfg, device), cfg)
+    data = torch.cat([mnist.train_images, mnist.test_images]).to(device)
+    return data, dm.build_models(cfg, device), cfg
 
 
 def run_ours(setup, steps, device):
-    data, G, D, G_ema, G_optimizer, D_optimizer, cfg = setup
+    data, (G, D, G_ema, G_optimizer, D_optimizer), cfg = setup
     amp = dm.use_bf16(device, cfg["amp"])
     perm = torch.randperm(len(data), device=device)
     loss_sum, data_time = torch.zeros((), device=device), 0.0
@@ -97,9 +97,9 @@ def run_ours(setup, steps, device):
         t = time.perf_counter()
         real = dm.to_float(data[perm[i * BATCH:(i + 1) * BATCH]])
         data_time += time.perf_counter() - t
-        d_loss, fake = dm.D_train(real, G, D, D_optimizer, 100, cfg["real_label"], amp)
+        d_loss, fake, _, _ = dm.D_train(real, G, D, D_optimizer, 100, cfg["real_label"], amp)
         g_loss = dm.G_train(fake, D, G_optimizer, amp)
-        dm.ema_update(G_ema, G, cfg["ema_decay"])
+        dm.ema_update(G_ema, G, cfg["ema_decay"], step=10 ** 6)
         loss_sum += d_loss + g_loss
     loss_sum.item()  # wait for the device, as the training loop does every 10 batches
     return time.perf_counter() - start, data_time

@@ -1,4 +1,5 @@
 """Issue 2: the script itself: models, data, training steps, seeding, early stopping, CLI, end to end."""
+import ast
 import os
 
 import cv2
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torchvision.transforms as T
 
-from conftest import DATA_DIR, assert_one_line_error, config, dm, run_script
+from conftest import DATA_DIR, assert_one_line_error, config, dm, run_main
 
 
 def test_generator_and_discriminator_shapes_and_ranges():
@@ -20,8 +21,18 @@ def test_generator_and_discriminator_shapes_and_ranges():
     assert fake.min() >= -1 and fake.max() <= 1
     logits = D(fake)
     assert logits.shape == (8, 1, 1, 1)
-    p_real = torch.sigmoid(logits)  # D returns logits
-    assert ((p_real > 0) & (p_real < 1)).all()
+    # D returns logits (BCEWithLogitsLoss and autocast need them): its last layer is not a Sigmoid
+    assert not isinstance(list(D.modules())[-1], torch.nn.Sigmoid)
+    assert isinstance(D.main[-1], torch.nn.Conv2d)
+
+
+def test_channels_last_only_on_cpu_and_cuda_never_on_mps():
+    assert dm.use_channels_last(torch.device("cpu"), True)
+    assert dm.use_channels_last(torch.device("cuda"), True)
+    assert not dm.use_channels_last(torch.device("mps"), True)  # wrong results with BatchNorm on MPS
+    assert not dm.use_channels_last(torch.device("cpu"), False)
+    G = dm.build_models(config(channels_last=True), torch.device("cpu")).G
+    assert G.main[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_merged_dataset_has_70000_images_and_batches_match_the_torchvision_transform(mnist):
@@ -59,7 +70,14 @@ def test_D_train_changes_D_and_not_G_and_G_train_changes_G_and_not_D(mnist):
     G, D, G_opt, D_opt = _models()
     real = dm.to_float(mnist[0][:32])
     g0, d0 = _snapshot(G), _snapshot(D)
-    d_loss, fake = dm.D_train(real, G, D, D_opt, 100)
+    torch.manual_seed(1)  # the D step draws its noise from here: compute D(x) and D(G(z)) it should report
+    with torch.no_grad():
+        expected_d_x = torch.sigmoid(D(real)).mean()
+        expected_d_g_z = torch.sigmoid(D(G(torch.randn(32, 100, 1, 1)))).mean()
+    torch.manual_seed(1)
+    d_loss, fake, d_x, d_g_z = dm.D_train(real, G, D, D_opt, 100)
+    torch.testing.assert_close(d_x, expected_d_x)
+    torch.testing.assert_close(d_g_z, expected_d_g_z)
     assert _changed(d0, D)
     assert not _changed(g0, G)
     assert all(p.grad is None for p in G.parameters())  # the fake was detached: nothing reached G
@@ -72,7 +90,30 @@ def test_D_train_changes_D_and_not_G_and_G_train_changes_G_and_not_D(mnist):
     # no weight gradients for D were computed in the G step
     assert all(torch.equal(p.grad, g) for p, g in zip(D.parameters(), d_grads))
     assert all(p.requires_grad for p in D.parameters())  # ...and D is trainable again afterwards
-    assert float(g_loss) > 0
+    # the G loss is BCE with target "real" on D's output for the same fake batch (after D's step)
+    with torch.no_grad():
+        out = D(fake.detach())
+    torch.testing.assert_close(g_loss, torch.nn.functional.softplus(-out).mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_ema_update_warms_up_then_averages_with_the_decay():
+    G, E = dm.Generator(8), dm.Generator(8)
+    e0 = [p.detach().clone() for p in E.parameters()]
+    dm.ema_update(E, G, 0.999, step=0)  # warm-up: the average follows G closely at first (d = 1/10)
+    for e, old, p in zip(E.parameters(), e0, G.parameters()):
+        torch.testing.assert_close(e, 0.1 * old + 0.9 * p)
+    e1 = [p.detach().clone() for p in E.parameters()]
+    dm.ema_update(E, G.apply(dm.weights_init), 0.999, step=10 ** 6)  # later: the decay itself
+    for e, old, p in zip(E.parameters(), e1, G.parameters()):
+        torch.testing.assert_close(e, 0.999 * old + 0.001 * p)
+
+
+def test_no_function_is_longer_than_about_60_lines():
+    tree = ast.parse(open(dm.__file__, encoding="utf-8").read())
+    lengths = {f.name: f.end_lineno - f.lineno + 1 for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    assert max(lengths.values()) <= 60, sorted(lengths.items(), key=lambda kv: -kv[1])[:3]
+    source = open(dm.__file__, encoding="utf-8").read()
+    assert source.index("def D_train") < source.index("def parse_args")  # DCGAN code before the CLI
 
 
 def _train_weights(tmp_path, seed, name):
@@ -109,7 +150,7 @@ def test_early_stopping_stops_after_patience_and_keeps_the_best_checkpoint(tmp_p
     epoch_of_call = iter(range(100))
     real_G_train = dm.G_train
 
-    def scripted_G_train(fake, D, G_optimizer, amp=False):
+    def scripted_G_train(fake, D, G_optimizer, amp=False):  # noqa: same signature as dm.G_train
         real_G_train(fake, D, G_optimizer, amp)  # G really trains, so each epoch's G differs
         return torch.tensor(losses[next(epoch_of_call)])  # one batch per epoch
 
@@ -154,23 +195,25 @@ def test_cli_overrides_are_parsed_with_the_constants_types():
     (["sample", "--png=x"], "--png_dir"),
 ])
 def test_cli_bad_names_and_values_exit_2_with_one_line(args, needle):
-    result = run_script(*args)
+    result = run_main(*args)
     assert_one_line_error(result, 2, needle)
 
 
 def test_help_lists_every_hyperparameter_with_default_and_comment():
-    result = run_script("--help")
+    result = run_main("--help")
     assert result.returncode == 0
     for name in dm.CONFIG_NAMES:
         line = next(l for l in result.stdout.splitlines() if l.strip().startswith(f"--{name.lower()}="))
         assert repr(getattr(dm, name)) in line and len(line.split()) > 2, line
 
 
-def test_end_to_end_smoke_run_then_sample_pngs(tmp_path):
-    out = str(tmp_path / "out")
-    result = run_script("--epochs=2", "--max_batches=3", f"--data_dir={DATA_DIR}", f"--output_dir={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_end_to_end_smoke_run_then_sample_pngs(smoke_run, tmp_path):
+    out, result = smoke_run
     assert "Epoch [2/2]" in result.stdout
+    epoch_line = next(l for l in result.stdout.splitlines() if l.startswith("Epoch [2/2]"))
+    assert "D(x): " in epoch_line and "D(G(z)): " in epoch_line  # who is winning, in every epoch line
+    # the rules of a smoke run are said, once each
+    assert result.stdout.count("FID is skipped") == 1 and result.stdout.count("follow g_loss") == 1
     for name in ("G_model.ckpt", "D_model.ckpt", "samples_epoch_002.png", "losses.png", "last.ckpt"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     # the checkpoints are plain state_dicts, loadable the tutorial's way
@@ -179,25 +222,28 @@ def test_end_to_end_smoke_run_then_sample_pngs(tmp_path):
     D = dm.Discriminator()
     D.load_state_dict(torch.load(os.path.join(out, "D_model.ckpt"), map_location="cpu", weights_only=True))
     assert not [n for n in os.listdir(out) if ".tmp" in n]  # no temporary files left behind
+    history = torch.load(os.path.join(out, "last.ckpt"), weights_only=True)["state"]["history"]
+    assert all(0 < v < 1 for v in history["d_x"] + history["d_g_z"])  # probabilities, per epoch
 
-    png_dir = str(tmp_path / "png")
-    result = run_script("sample", "--n=16", f"--png_dir={png_dir}", f"--output_dir={out}")
+    png_dir, sample_out = str(tmp_path / "png"), str(tmp_path / "sample_out")
+    result = run_main("sample", "--n=16", f"--png_dir={png_dir}", f"--output_dir={sample_out}",
+                      f"--ckpt={os.path.join(out, 'G_model.ckpt')}")
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(os.listdir(png_dir))
     assert names == [f"{i:06d}.png" for i in range(16)]
     images = [cv2.imread(os.path.join(png_dir, n), cv2.IMREAD_UNCHANGED) for n in names]
     assert all(img.shape == (28, 28) and img.dtype == np.uint8 for img in images)
     assert len({img.tobytes() for img in images}) == 16  # 16 different samples
-    grid = cv2.imread(os.path.join(out, "fake_grid.png"))
+    grid = cv2.imread(os.path.join(sample_out, "fake_grid.png"))
     assert grid.shape[0] > 8 * 28 and grid.shape[1] > 8 * 28
 
 
-def test_missing_data_offline_exits_1_naming_the_folder_and_files(tmp_path):
+def test_missing_data_offline_exits_1_naming_the_folder_and_files(tmp_path, monkeypatch):
     empty = str(tmp_path / "no_mnist_here")
     # a closed local proxy makes the download fail at once, with or without internet
-    offline = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
-               "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
-    result = run_script(f"--data_dir={empty}", f"--output_dir={tmp_path / 'out'}", "--epochs=1", env=offline)
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    result = run_main(f"--data_dir={empty}", f"--output_dir={tmp_path / 'out'}", "--epochs=1")
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

@@ -6,10 +6,10 @@ import signal
 import pytest
 import torch
 
-from conftest import (DATA_DIR, assert_one_line_error, dm, file_bytes, run_script, start_script, wait_for)
+from conftest import (DATA_DIR, assert_one_line_error, dm, file_bytes, run_main, start_script, wait_for)
 
-# small, fast runs: 3 epochs of 40 batches of 32 images
-SMALL = ["--epochs=3", "--max_batches=40", "--batch_size=32", "--sample_every=1", f"--data_dir={DATA_DIR}"]
+# small, fast runs: 3 epochs of 20 batches of 32 images
+SMALL = ["--epochs=3", "--max_batches=20", "--batch_size=32", "--sample_every=1", f"--data_dir={DATA_DIR}"]
 
 
 def _weights(out):
@@ -26,16 +26,16 @@ def _assert_same_weights(a, b):
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("straight"))
-    result = run_script(*SMALL, f"--output_dir={out}")
+    result = run_main(*SMALL, f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
 def test_resume_after_2_epochs_reaches_the_same_weights_as_3_straight(straight_run, tmp_path):
     out = str(tmp_path / "resumed")
-    first = run_script(*SMALL, "--epochs=2", f"--output_dir={out}")
+    first = run_main(*SMALL, "--epochs=2", f"--output_dir={out}")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_script(*SMALL, "--resume=True", f"--output_dir={out}")
+    second = run_main(*SMALL, "--resume=True", f"--output_dir={out}")
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"Resuming from {os.path.join(out, 'last.ckpt')} at epoch 3" in second.stdout
     resumed, ckpt = _weights(out)
@@ -62,10 +62,10 @@ def test_ctrl_c_mid_epoch_saves_state_and_resume_matches_the_straight_run(straig
     assert proc.returncode == 130, stderr[-3000:]
     assert "--resume=True" in stdout and "Traceback" not in stderr
     state = torch.load(os.path.join(out, "last.ckpt"), weights_only=True)["state"]
-    assert state["epoch"] == 2 and 0 < state["batch"] < 40, (state["epoch"], state["batch"])  # mid-epoch
-    resumed = run_script(*SMALL, "--resume=True", f"--output_dir={out}")
+    assert state["epoch"] == 2 and 0 < state["next_batch"] < 20, state["next_batch"]  # mid-epoch
+    resumed = run_main(*SMALL, "--resume=True", f"--output_dir={out}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"at epoch 2, batch {state['batch']}" in resumed.stdout
+    assert f"at epoch 2, batch {state['next_batch']}" in resumed.stdout
     _assert_same_weights(_weights(out)[0], _weights(straight_run)[0])
 
 
@@ -80,7 +80,7 @@ def test_sigterm_saves_state_and_exits_143(tmp_path):
 def test_second_ctrl_c_quits_at_once_without_touching_files(tmp_path):
     out = str(tmp_path / "twice")
     # big batches: the first Ctrl-C waits for the end of a batch, the second must not
-    proc = start_script(*SMALL, "--batch_size=1024", "--max_batches=10", f"--output_dir={out}")
+    proc = start_script(*SMALL, "--batch_size=1024", "--max_batches=3", f"--output_dir={out}")
     wait_for(lambda: os.path.exists(os.path.join(out, "last.ckpt")) or proc.poll() is not None,
              timeout=300, what="last.ckpt of epoch 1")
     before = file_bytes(out)
@@ -112,13 +112,9 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["G_model.ckpt", "G_model.tmp.ckpt", "img.png"]
 
 
-@pytest.fixture(scope="module")
-def smoke_out(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("smoke"))
-    result = run_script("--epochs=1", "--max_batches=2", "--batch_size=16", f"--data_dir={DATA_DIR}",
-                        f"--output_dir={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+@pytest.fixture
+def smoke_out(smoke_run):
+    return smoke_run[0]
 
 
 def _bad_checkpoints(good_folder, folder):
@@ -136,8 +132,8 @@ def test_bad_checkpoints_give_one_clear_line_and_exit_1(smoke_out, tmp_path):
     for name in _bad_checkpoints(smoke_out, str(tmp_path)):
         path = str(tmp_path / name)
         for command in ("sample", "evaluate"):
-            result = run_script(command, f"--ckpt={path}", f"--output_dir={tmp_path / 'o'}",
-                                f"--data_dir={DATA_DIR}")
+            result = run_main(command, f"--ckpt={path}", f"--output_dir={tmp_path / 'o'}",
+                              f"--data_dir={DATA_DIR}")
             assert_one_line_error(result, 1, path)
 
 
@@ -153,16 +149,16 @@ def test_loading_never_runs_code_from_a_checkpoint(tmp_path):
         pickle.dump({"main.0.weight": _Exploit()}, f)
     torch.save({"x": _Exploit()}, str(tmp_path / "evil2.ckpt"))
     for p in (path, str(tmp_path / "evil2.ckpt")):
-        result = run_script("sample", f"--ckpt={p}", f"--output_dir={tmp_path / 'o'}")
+        result = run_main("sample", f"--ckpt={p}", f"--output_dir={tmp_path / 'o'}")
         assert_one_line_error(result, 1, p)
     assert not os.path.exists(_Exploit.marker)
 
 
 def test_resume_problems_exit_2(smoke_out, tmp_path):
-    result = run_script("--resume=True", f"--output_dir={tmp_path / 'empty'}", f"--data_dir={DATA_DIR}")
+    result = run_main("--resume=True", f"--output_dir={tmp_path / 'empty'}", f"--data_dir={DATA_DIR}")
     assert_one_line_error(result, 2, "last.ckpt")
     before = file_bytes(smoke_out)
-    result = run_script("--resume", "--noise_dim=64", f"--output_dir={smoke_out}", f"--data_dir={DATA_DIR}")
+    result = run_main("--resume", "--noise_dim=64", f"--output_dir={smoke_out}", f"--data_dir={DATA_DIR}")
     assert_one_line_error(result, 2, "noise_dim", "100", "64")
     assert file_bytes(smoke_out) == before
 
@@ -177,8 +173,8 @@ def test_nan_weights_stop_with_exit_3_and_keep_the_good_checkpoints(smoke_out, t
     ckpt["D"]["main.0.weight"][0, 0, 0, 0] = float("nan")  # one poisoned weight
     torch.save(ckpt, os.path.join(out, "last.ckpt"))
     before = file_bytes(out)
-    result = run_script("--resume", "--epochs=3", "--max_batches=2", "--batch_size=16", f"--output_dir={out}",
-                        f"--data_dir={DATA_DIR}")
+    result = run_main("--resume", "--epochs=3", "--max_batches=3", "--batch_size=32", f"--output_dir={out}",
+                      f"--data_dir={DATA_DIR}")
     assert result.returncode == 3, result.stderr[-3000:]
     last_line = result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr and "nan" in last_line.lower() and last_line.startswith("error:")
@@ -201,14 +197,14 @@ def test_bad_hyperparameters_exit_2_before_loading_data(arg, needle, tmp_path, c
     assert len(err.splitlines()) == 1 and needle in err, err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_cuda_requested_without_cuda_exits_2(tmp_path):
-    result = run_script("--device=cuda", f"--output_dir={tmp_path / 'o'}", f"--data_dir={tmp_path / 'nowhere'}")
+def test_cuda_requested_without_cuda_exits_2(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine that has CUDA
+    result = run_main("--device=cuda", f"--output_dir={tmp_path / 'o'}", f"--data_dir={tmp_path / 'nowhere'}")
     assert_one_line_error(result, 2, "CUDA")
 
 
 def test_unwritable_output_folder_exits_2(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("I am a file, not a folder")
-    result = run_script(f"--output_dir={blocker / 'outputs'}", f"--data_dir={tmp_path / 'nowhere'}")
+    result = run_main(f"--output_dir={blocker / 'outputs'}", f"--data_dir={tmp_path / 'nowhere'}")
     assert_one_line_error(result, 2, str(blocker / "outputs"))
