@@ -14,7 +14,10 @@ Sections, in reading order:
    5. training steps (D_train, G_train)   10. command line, validation and main
 """
 import ast
+import contextlib
 import copy
+import errno
+import io
 import math
 import os
 import random
@@ -134,14 +137,36 @@ RAW_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 def load_mnist(data_dir):
     """The four MNIST files as an MNIST tuple, read (or downloaded) by torchvision."""
     raw = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), "MNIST", "raw")
-    have_files = all(os.path.exists(os.path.join(raw, f)) for f in RAW_FILES)
+    present = [f for f in RAW_FILES if os.path.exists(os.path.join(raw, f))]
+    for name in present:  # a damaged file is named, not mistaken for a missing one
+        problem = idx_file_problem(os.path.join(raw, name))
+        if problem:
+            die(f"{os.path.join(raw, name)} is damaged: {problem}. Delete it and torchvision will download "
+                f"it again (or put a good copy there)", 1)
     try:
-        splits = [torchvision.datasets.MNIST(data_dir, train=train, download=not have_files)
+        splits = [torchvision.datasets.MNIST(data_dir, train=train, download=len(present) < 4)
                   for train in (True, False)]
-    except Exception as e:  # offline, or unreadable files
+    except Exception as e:  # offline, or the download failed
         die(f"MNIST is not in {raw} and could not be downloaded ({type(e).__name__}). "
             f"Put the four raw files {', '.join(RAW_FILES)} in {raw}/ (or pass --data_dir=<folder>)", 1)
     return MNIST(splits[0].data, splits[0].targets, splits[1].data, splits[1].targets)
+
+
+def idx_file_problem(path):
+    """What is wrong with an MNIST IDX file (header, then its size), or None. Images: magic 2051, count,
+    rows, cols, then count*rows*cols bytes; labels: magic 2049, count, then count bytes (big-endian)."""
+    is_images = "images" in os.path.basename(path)
+    with open(path, "rb") as f:
+        header = f.read(16 if is_images else 8)
+    fields = [int.from_bytes(header[i:i + 4], "big") for i in range(0, len(header) - 3, 4)]
+    magic = 2051 if is_images else 2049
+    if len(fields) < (4 if is_images else 2) or fields[0] != magic:
+        return f"wrong header (expected the IDX magic number {magic}, found {fields[0] if fields else 'nothing'})"
+    expected = len(header) + math.prod(fields[1:])
+    found = os.path.getsize(path)
+    if found != expected:
+        return f"wrong size (its header says {fields[1]:,} items: expected {expected:,} bytes, found {found:,})"
+    return None
 
 
 def to_float(images):
@@ -442,10 +467,9 @@ def plan_evaluation(cfg, given, mnist, device):
     return Judging(every, select_by, judge, *reference_stats(judge, mnist, device))
 
 
-def setup_training(cfg, given, device):
-    """Everything train() needs, from scratch or from last.ckpt. Checks the saved state first."""
+def setup_training(cfg, given, saved, device):
+    """Everything train() needs, from scratch or from a read_training_state()."""
     last = os.path.join(cfg["output_dir"], "last.ckpt")
-    saved = read_training_state(last, cfg, device) if cfg["resume"] else None
     mnist = load_mnist(cfg["data_dir"])
     data = torch.cat([mnist.train_images, mnist.test_images]).to(device)  # 70,000 digits, uint8
     judging = plan_evaluation(cfg, given, mnist, device)
@@ -455,7 +479,7 @@ def setup_training(cfg, given, device):
                               generator=torch.Generator().manual_seed(cfg["seed"] + SEED_OFFSET_GRID))
     state = TrainState()
     if saved is not None:
-        state, fixed_noise = restore_training_state(saved, gan)
+        state, fixed_noise = restore_training_state(saved, gan, cfg)
         print(f"Resuming from {last} at epoch {state.epoch}"
               + (f", batch {state.next_batch}" if state.next_batch else ""))
     return data, judging, gan, fixed_noise, state
@@ -463,9 +487,13 @@ def setup_training(cfg, given, device):
 
 def train(cfg, given=()):
     """Train until EPOCHS, early stopping, MAX_MINUTES or Ctrl-C; save everything on the way."""
+    saved = None
+    if cfg["resume"]:  # checked before any work: the saved run's settings, with what was changed now
+        saved = read_training_state(os.path.join(cfg["output_dir"], "last.ckpt"))
+        cfg = resume_settings(cfg, given, saved["config"])
     out, device = cfg["output_dir"], pick_device(cfg["device"])
     os.makedirs(out, exist_ok=True)
-    data, judging, gan, fixed_noise, state = setup_training(cfg, given, device)
+    data, judging, gan, fixed_noise, state = setup_training(cfg, given, saved, device)
     amp = use_bf16(device, cfg["amp"])
     start_time = time.time() - state.elapsed  # the time budget counts the earlier part of a resumed run
     n_batches = math.ceil(len(data) / cfg["batch_size"])
@@ -639,15 +667,33 @@ def generate(G, n, noise_dim, device, seed, batch=1000):
 # 8. Files and pictures. Every checkpoint and image is written to a temporary name, then renamed: a crash
 # or Ctrl-C mid-write never leaves a truncated file under the real name (os.replace is atomic).
 def atomic_write(path, write):
+    """write(buffer) serializes into memory; the bytes then go to name.tmp.ext, renamed to `path`.
+    Serializing first means a full disk or a lost drive fails in one place, with its reason
+    ("No space left on device"): one line, exit 1, the temporary file removed, the old file intact."""
+    buffer = io.BytesIO()
+    write(buffer)
     root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"  # keep the extension: image writers pick the format from it
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = f"{root}.tmp{ext}"
+    try:
+        with open(tmp, "wb") as f:
+            write_chunks(f, buffer.getbuffer())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        die(f"could not write {path}: {e.strerror or e} (its previous version, if any, is intact)", 1)
+
+
+def write_chunks(f, data, chunk=1 << 20):
+    for i in range(0, len(data), chunk):
+        f.write(data[i:i + chunk])
+    f.flush()
+    os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave an empty file behind
 
 
 def atomic_save(obj, path):
     """torch.save, atomically."""
-    atomic_write(path, lambda p: torch.save(obj, p))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_training_state(path, gan, fixed_noise, state, cfg):
@@ -657,24 +703,42 @@ def save_training_state(path, gan, fixed_noise, state, cfg):
                  "fixed_noise": fixed_noise, "state": asdict(state), "rng": rng_states(), "config": cfg}, path)
 
 
-def read_training_state(path, cfg, device):
-    """last.ckpt, checked before any work: it must be ours, and match the settings that shape it."""
-    saved = load_checkpoint(path, device)
+def read_training_state(path):
+    """last.ckpt (on the CPU), checked: it must be a training state saved by this version."""
+    saved = load_checkpoint(path, "cpu")
     if not isinstance(saved, dict) or not {"config", "state", "rng"} <= set(saved):
         die(f"{path}: not a training state saved by this script", 1)
     if set(saved["state"]) != {f.name for f in TrainState.__dataclass_fields__.values()}:
         die(f"{path}: saved by another version of this script; start a new run (without --resume)", 1)
-    for name in ("noise_dim", "batch_size"):  # these define what the saved state means
-        if saved["config"][name] != cfg[name]:
-            die(f"{path} was trained with --{name}={saved['config'][name]}, not {cfg[name]}; "
-                f"use the same value to resume", 2)
     return saved
 
 
-def restore_training_state(saved, gan):
-    """Load a read_training_state() into the models; returns (TrainState, fixed noise)."""
+# They define what the saved weights and random streams mean: a resumed run cannot change them.
+FIXED_ON_RESUME = ("batch_size", "noise_dim", "seed")
+
+
+def resume_settings(cfg, given, saved_cfg):
+    """A resumed run keeps the saved run's settings, except those given on this command line: each
+    change is applied and printed ("lr_g: 0.0008 -> 0.0001"); FIXED_ON_RESUME ones must match (exit 2)."""
+    merged = {**cfg, **{k: v for k, v in saved_cfg.items() if k in cfg}}
+    merged.update(output_dir=cfg["output_dir"], resume=True)  # where the run is now
+    for name in [k for k in cfg if k in given and merged[k] != cfg[k]]:
+        if name in FIXED_ON_RESUME:
+            die(f"{cfg['output_dir']}/last.ckpt was trained with --{name}={merged[name]!r}, not "
+                f"{cfg[name]!r}; a resumed run keeps it (leave --{name} out)", 2)
+        print(f"{name}: {merged[name]!r} -> {cfg[name]!r}")
+        merged[name] = cfg[name]
+    return merged
+
+
+def restore_training_state(saved, gan, cfg):
+    """Load a read_training_state() into the models; returns (TrainState, fixed noise).
+    The optimizers get cfg's learning rates and betas: a resumed run may change them."""
     for name in GAN._fields:
         getattr(gan, name).load_state_dict(saved[name])
+    for optimizer, lr in ((gan.D_optimizer, cfg["lr_d"]), (gan.G_optimizer, cfg["lr_g"])):
+        for group in optimizer.param_groups:
+            group["lr"], group["betas"] = lr, cfg["betas"]
     set_rng_states(saved["rng"])
     return TrainState(**saved["state"]), saved["fixed_noise"]
 
@@ -722,7 +786,7 @@ def load_generator(path, noise_dim, device):
 def save_grid(images, path, nrow=8):
     """A grid of images in [-1, 1] (8x8 by default)."""
     images = images.detach().cpu().float()
-    atomic_write(path, lambda p: torchvision.utils.save_image((images + 1) / 2, p, nrow=nrow))
+    atomic_write(path, lambda f: torchvision.utils.save_image((images + 1) / 2, f, nrow=nrow, format="png"))
 
 
 def save_plots(history, fid_floor, path):
@@ -742,14 +806,14 @@ def save_plots(history, fid_floor, path):
         ax.set_xlabel("epoch")
         ax.legend()
     fig.tight_layout()
-    atomic_write(path, fig.savefig)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
 
 
 def save_progress_gif(grid_paths, path):
     frames = [Image.open(p) for p in grid_paths if os.path.exists(p)]
     if frames:
-        atomic_write(path, lambda p: frames[0].save(p, save_all=True, append_images=frames[1:],
+        atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                                                     duration=400, loop=0))
 
 
@@ -761,7 +825,7 @@ def save_real_vs_fake(real, fake, path):
         ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()
-    atomic_write(path, fig.savefig)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
 
 
@@ -769,8 +833,7 @@ def save_pngs(images, folder):
     """Each image in [-1, 1] as a 28x28 grayscale PNG, NNNNNN.png."""
     pixels = ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
     for i, img in enumerate(pixels):
-        atomic_write(os.path.join(folder, f"{i:06d}.png"),
-                     lambda p: cv2.imwrite(p, img) or die(f"cannot write {p}", 1))
+        atomic_write(os.path.join(folder, f"{i:06d}.png"), lambda f: f.write(cv2.imencode(".png", img)[1].tobytes()))
 
 
 # -----------------------------------------------------------------------------
@@ -904,15 +967,55 @@ def check_device(device):
         die("--device=mps but MPS is not available on this machine (try --device=cpu)", 2)
 
 
-def check_writable(folder):
-    """Create `folder` and prove we can write there, before spending any time on training."""
+def check_folder(option, folder, create=True):
+    """Create `folder` (or, with create=False, check that it could be) and prove we can write there,
+    before spending any time on work. A file in the way, or no permission: one line, exit 2."""
     try:
+        if not create:  # e.g. CACHE_DIR, made only once a judge is trained
+            nearest = os.path.abspath(folder)
+            while not os.path.exists(nearest):  # the part of the path that exists must be a folder
+                nearest = os.path.dirname(nearest)
+            if not os.path.isdir(nearest):
+                raise NotADirectoryError(errno.ENOTDIR, f"{nearest} is a file")
+            return
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, ".write_test")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        die(f"cannot write to output folder {folder!r}: {e.strerror}", 2)
+        die(f"--{option}={folder}: cannot write to this folder ({e.strerror or e})", 2)
+
+
+@contextlib.contextmanager
+def output_folder_lock(folder):
+    """One training run per output folder: an OS lock on <folder>/train.lock for the run's lifetime. The OS
+    drops it when the process ends, even on kill -9, so it is never stale. The file holds the pid."""
+    path = os.path.join(folder, "train.lock")
+    f = open(path, "a+")  # "a+": do not wipe the pid of a run that holds the lock
+    try:
+        if os.name == "nt":
+            import msvcrt
+            f.seek(1 << 20)  # lock a byte past the pid, so that the pid stays readable
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        die(f"{folder} is in use by another training run (pid {pid}); wait for it to end, or pass another "
+            f"--output_dir", 2)
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # while we still hold the lock
+        f.close()
 
 
 def main(argv):
@@ -924,13 +1027,18 @@ def main(argv):
         die(f"unknown command {command!r}; use train (the default), sample or evaluate", 2)
     cfg, given, options = parse_args(args, extra[command])
     validate(cfg)
-    check_writable(cfg["output_dir"])
+    check_folder("output_dir", cfg["output_dir"])
+    for option in ("cache_dir", "data_dir"):  # made only when needed (a judge to cache, a download)
+        check_folder(option, os.path.expanduser(cfg[option]), create=False)
     if command == "train":
         last = os.path.join(cfg["output_dir"], "last.ckpt")
         if cfg["resume"] and not os.path.isfile(last):
             die(f"--resume=True but there is no {last} to resume from", 2)
-        train(cfg, given)
+        with output_folder_lock(cfg["output_dir"]):
+            train(cfg, given)
         return
+    if options.get("png_dir"):
+        check_folder("png_dir", options["png_dir"])
     n_text = options.get("n", "64" if command == "sample" else "10000")
     if not n_text.isdigit() or int(n_text) < 1:
         die(f"--n={n_text} must be a positive whole number", 2)

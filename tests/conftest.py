@@ -92,8 +92,10 @@ def wait_for(condition, timeout=300, what="condition"):
 
 def assert_one_line_error(result, code, *needles):
     assert result.returncode == code, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
-    err = result.stderr.strip()
     assert "Traceback" not in result.stderr and "usage:" not in result.stderr.lower(), result.stderr
+    # what stays on a terminal: a progress bar redraws its line with "\r" and clears it when it closes
+    lines = [line.split("\r")[-1] for line in result.stderr.split("\n")]
+    err = "\n".join(line for line in lines if line.strip())
     assert len(err.splitlines()) == 1, err
     for needle in needles:
         assert needle in err, (needle, err)

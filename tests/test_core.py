@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision.transforms as T
 
-from conftest import DATA_DIR, assert_one_line_error, config, dm, run_main
+from conftest import assert_one_line_error, config, dm, run_main
 
 
 def test_generator_and_discriminator_shapes_and_ranges():
@@ -150,7 +150,7 @@ def test_early_stopping_stops_after_patience_and_keeps_the_best_checkpoint(tmp_p
     epoch_of_call = iter(range(100))
     real_G_train = dm.G_train
 
-    def scripted_G_train(fake, D, G_optimizer, amp=False):  # noqa: same signature as dm.G_train
+    def scripted_G_train(fake, D, G_optimizer, amp=False):  # dm.G_train's signature
         real_G_train(fake, D, G_optimizer, amp)  # G really trains, so each epoch's G differs
         return torch.tensor(losses[next(epoch_of_call)])  # one batch per epoch
 

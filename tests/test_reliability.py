@@ -1,4 +1,5 @@
 """Issue 4: full-state resume, safe interruption, atomic writes, safe loading, NaN, input validation."""
+import errno
 import os
 import pickle
 import signal
@@ -96,20 +97,133 @@ def test_second_ctrl_c_quits_at_once_without_touching_files(tmp_path):
     assert {k: v for k, v in after.items() if ".tmp" not in k} == before  # a .tmp file may be left, no more
 
 
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+def test_atomic_write_keeps_the_old_file_when_the_process_dies_mid_write(tmp_path, monkeypatch):
     path = str(tmp_path / "G_model.ckpt")
     torch.save({"w": torch.ones(3)}, path)
     before = open(path, "rb").read()
 
-    def crash_mid_write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(before[:10])  # a truncated file...
+    def die_mid_write(f, data):
+        f.write(data[:10])  # a truncated file...
         raise KeyboardInterrupt  # ...and the process dies
+    monkeypatch.setattr(dm, "write_chunks", die_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        dm.atomic_write(path, crash_mid_write)
+        dm.atomic_save({"w": torch.zeros(3)}, path)
     assert open(path, "rb").read() == before
-    dm.atomic_write(str(tmp_path / "img.png"), lambda p: dm.save_grid(torch.zeros(4, 1, 28, 28), p))
+    monkeypatch.undo()
+    dm.save_grid(torch.zeros(4, 1, 28, 28), str(tmp_path / "img.png"))
     assert sorted(os.listdir(tmp_path)) == ["G_model.ckpt", "G_model.tmp.ckpt", "img.png"]
+
+
+def _disk_full_after(monkeypatch, n_writes_ok, failed):
+    """From the (n_writes_ok + 1)-th file on, writing stops half-way with ENOSPC, as on a full disk."""
+    real = dm.write_chunks
+    count = iter(range(10 ** 6))
+
+    def write_chunks(f, data, chunk=1 << 20):
+        if next(count) < n_writes_ok:
+            return real(f, data, chunk)
+        failed.append(f.name)
+        f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(dm, "write_chunks", write_chunks)
+
+
+def test_full_disk_during_training_is_one_line_exit_1_no_debris_old_files_intact(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    assert run_main(*SMALL, "--epochs=1", f"--output_dir={out}").returncode == 0
+    before = file_bytes(out)
+    failed = []
+    _disk_full_after(monkeypatch, 0, failed)  # the very next file: epoch 2's G_model.ckpt
+    result = run_main(*SMALL, "--epochs=2", "--resume", f"--output_dir={out}")
+    err = assert_one_line_error(result, 1, "No space left on device", "G_model.ckpt")
+    assert failed and ".tmp." in failed[0] and err.startswith("error: could not write")
+    assert not [n for n in os.listdir(out) if ".tmp." in n]  # the half-written file was removed
+    assert file_bytes(out) == before  # every earlier file is as it was (and the lock file is gone)
+
+
+def test_full_disk_while_writing_pngs_keeps_the_old_png(smoke_out, tmp_path, monkeypatch):
+    png_dir = tmp_path / "png"
+    png_dir.mkdir()
+    (png_dir / "000001.png").write_bytes(b"an older file")
+    _disk_full_after(monkeypatch, 2, [])  # fake_grid.png and 000000.png are written, 000001.png fails
+    result = run_main("sample", "--n=5", f"--png_dir={png_dir}", f"--ckpt={smoke_out}/G_model.ckpt",
+                      f"--output_dir={tmp_path / 'o'}")
+    assert_one_line_error(result, 1, "No space left on device", "000001.png")
+    assert sorted(os.listdir(png_dir)) == ["000000.png", "000001.png"]
+    assert (png_dir / "000001.png").read_bytes() == b"an older file"
+
+
+def test_resume_applies_and_prints_changed_settings_and_keeps_the_saved_ones(tmp_path):
+    out = str(tmp_path / "run")
+    assert run_main(*SMALL, "--epochs=1", "--lr_d=4e-4", f"--output_dir={out}").returncode == 0
+    # batch size, lr_d and data_dir are not given again: the saved run's values hold, not the defaults
+    result = run_main("--resume", "--epochs=2", "--lr_g=1e-4", "--betas=(0.6, 0.99)", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    for line in ("epochs: 1 -> 2", "lr_g: 0.0008 -> 0.0001", "betas: (0.5, 0.999) -> (0.6, 0.99)"):
+        assert line in lines, result.stdout
+    assert not [l for l in lines if l.startswith(("lr_d:", "batch_size:", "data_dir:"))]
+    ckpt = torch.load(os.path.join(out, "last.ckpt"), weights_only=True)
+    assert ckpt["state"]["epoch"] == 3  # epoch 2 was trained
+    config = ckpt["config"]
+    assert (config["lr_g"], config["lr_d"], config["betas"]) == (1e-4, 4e-4, (0.6, 0.99))
+    assert (config["batch_size"], config["max_batches"], config["data_dir"]) == (32, 20, DATA_DIR)
+    # the restored optimizers trained with the new settings (their saved param groups would say 8e-4)
+    assert [g["lr"] for g in ckpt["G_optimizer"]["param_groups"]] == [1e-4]
+    assert [g["lr"] for g in ckpt["D_optimizer"]["param_groups"]] == [4e-4]
+    assert [tuple(g["betas"]) for g in ckpt["G_optimizer"]["param_groups"]] == [(0.6, 0.99)]
+
+
+def test_a_second_run_into_the_same_folder_exits_2_while_the_first_finishes(tmp_path, smoke_out):
+    out = str(tmp_path / "shared")
+    first = start_script(*SMALL, f"--output_dir={out}")
+    lock = os.path.join(out, "train.lock")
+    wait_for(lambda: (os.path.exists(lock) and open(lock).read() == str(first.pid)) or first.poll() is not None,
+             timeout=120, what="the first run's lock")
+    second = run_main(*SMALL, f"--output_dir={out}")
+    assert_one_line_error(second, 2, out, f"pid {first.pid}")
+    # reading is not blocked
+    assert run_main("sample", f"--ckpt={smoke_out}/G_model.ckpt", f"--output_dir={out}").returncode == 0
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert "Epoch [3/3]" in stdout and not os.path.exists(lock)
+    assert torch.load(os.path.join(out, "last.ckpt"), weights_only=True)["state"]["epoch"] == 4
+
+
+def _data_copy(tmp_path, name, data):
+    """A data folder with the real MNIST files, except `name`, which holds `data`."""
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in dm.RAW_FILES:
+        if f != name:
+            os.symlink(os.path.join(os.path.abspath(DATA_DIR), "MNIST", "raw", f), raw / f)
+    (raw / name).write_bytes(data)
+    return str(tmp_path / "data"), str(raw / name)
+
+
+def test_a_truncated_mnist_file_is_named_with_its_expected_size(tmp_path):
+    real = open(os.path.join(DATA_DIR, "MNIST", "raw", "train-images-idx3-ubyte"), "rb").read(1_000_000)
+    data_dir, path = _data_copy(tmp_path, "train-images-idx3-ubyte", real)
+    result = run_main(f"--data_dir={data_dir}", f"--output_dir={tmp_path / 'o'}", "--epochs=1")
+    err = assert_one_line_error(result, 1, path, "47,040,016", "1,000,000", "Delete it")
+    assert "could not be downloaded" not in err
+
+
+def test_a_wrong_header_is_named(tmp_path):
+    data_dir, path = _data_copy(tmp_path, "t10k-labels-idx1-ubyte", b"<html>not MNIST</html>")
+    result = run_main(f"--data_dir={data_dir}", f"--output_dir={tmp_path / 'o'}", "--epochs=1")
+    assert_one_line_error(result, 1, path, "header", "2049")
+
+
+@pytest.mark.parametrize("option", ["png_dir", "output_dir", "cache_dir"])
+def test_a_file_given_as_a_folder_exits_2_before_any_work(option, smoke_out, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("I am a file, not a folder")
+    folders = {"output_dir": str(tmp_path / "o"), option: str(blocker / "sub") if option == "cache_dir" else str(blocker)}
+    args = [f"--{k}={v}" for k, v in folders.items()]
+    result = run_main("sample", "--n=10", f"--ckpt={smoke_out}/G_model.ckpt", *args)
+    assert_one_line_error(result, 2, f"--{option}=")
+    assert blocker.read_text() == "I am a file, not a folder"
 
 
 @pytest.fixture
