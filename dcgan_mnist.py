@@ -3,7 +3,10 @@ DCGAN on MNIST in one script: train a generator of handwritten digits, watch it 
 
     python dcgan_mnist.py                        # train (edit the constants below or pass --name=value)
     python dcgan_mnist.py sample --n=1000 --png_dir=fakes   # 8x8 grid + N separate PNGs for FID tools
-    python dcgan_mnist.py evaluate               # FID / score / digit coverage of outputs/G_model.ckpt
+    python dcgan_mnist.py evaluate               # FID / score / digit coverage / train-on-fake accuracy
+    python dcgan_mnist.py --conditional=True     # a conditional DCGAN: it draws the digit it is asked for
+    python dcgan_mnist.py sample --digit=7       # a grid of sevens (conditional); --interpolate: a walk
+    python dcgan_mnist.py dataset --n=60000 --dataset_dir=fake_mnist   # a labeled fake MNIST, MNIST's files
     python dcgan_mnist.py --help                 # every hyperparameter with its default
 
 Sections, in reading order:
@@ -12,6 +15,7 @@ Sections, in reading order:
    3. data                                 8. files and pictures (checkpoints, grids, plots)
    4. models (Discriminator, Generator)    9. sampling and evaluation
    5. training steps (D_train, G_train)   10. command line, validation and main
+                                           (9 also writes the fake dataset and measures train-on-fake)
 """
 import ast
 import contextlib
@@ -47,8 +51,10 @@ from tqdm import tqdm
 DATA_DIR = "MNIST/"     # torchvision reads (or downloads) <DATA_DIR>/MNIST/raw/
 OUTPUT_DIR = "outputs"  # checkpoints, sample grids, plots
 BATCH_SIZE = 128        # images per training step
+MERGE_TEST = True       # train on train+test (70,000 digits); False: the 60,000 training digits only (honest FID)
 # model
 NOISE_DIM = 100         # size of the generator's input noise vector z
+CONDITIONAL = False     # True: G(z, y) draws the digit y it is asked for, D(x, y) judges the pair
 # optimization
 LR_D = 8e-4             # discriminator Adam learning rate
 LR_G = 8e-4             # generator Adam learning rate
@@ -67,6 +73,8 @@ EVAL_EVERY = 1          # compute FID every N epochs (0 = never; smoke runs skip
 EVAL_SAMPLES = 10000    # generated images per FID evaluation (compared with the 10,000 test images)
 SAMPLE_EVERY = 1        # save an 8x8 grid of the fixed noise every N epochs (and after the last)
 CACHE_DIR = "~/.cache/dcgan_mnist"  # the judge classifier used for FID, trained once and reused
+# fake dataset
+DATASET_NOISE = 1.5     # noise std for `dataset` and train-on-fake (training uses 1): wider noise draws rarer digits
 # system
 SEED = 0                # seeds python, numpy and torch: the same seed gives the same run on CPU
 DEVICE = "auto"         # "auto" picks cuda, then mps, then cpu; or "cpu", "cuda", "cuda:1", "mps"
@@ -84,6 +92,8 @@ SEED_OFFSET_GRID = 0        # the fixed noise of the progress grids (and `sample
 SEED_OFFSET_BN_REFRESH = 1  # noise that recomputes the averaged G's BatchNorm statistics
 SEED_OFFSET_EVAL = 2        # the EVAL_SAMPLES images scored for FID
 SEED_OFFSET_PNGS = 3        # `sample --png_dir` images
+SEED_OFFSET_DATASET = 4     # `dataset`: the training digits (the test digits use SEED_OFFSET_DATASET + 1)
+N_CLASSES = 10              # digits 0-9: the labels of a conditional G and D
 
 
 # -----------------------------------------------------------------------------
@@ -176,9 +186,11 @@ def to_float(images):
 
 # -----------------------------------------------------------------------------
 # 4. Models. D ends in a logit (no Sigmoid): BCEWithLogitsLoss is stable, and safe under autocast.
+# With n_classes > 0 (CONDITIONAL) both take the digit label y; with 0 they are the tutorial's DCGAN.
 class Discriminator(nn.Module):
-    def __init__(self):
+    def __init__(self, n_classes=0):
         super().__init__()
+        self.n_classes = n_classes
         self.main = nn.Sequential(
             # input is (1) x 28 x 28
             nn.Conv2d(1, 64, 4, 2, 1, bias=False),
@@ -195,17 +207,27 @@ class Discriminator(nn.Module):
             nn.Conv2d(256, 1, 4, 1, 0, bias=False),
             # state size. (1) x 1 x 1: a logit; torch.sigmoid of it is D's probability that x is real
         )
+        if n_classes:
+            # Projection discriminator (Miyato & Koyama 2018): the label adds its own 4x4 filter on the
+            # last features, logit = <w + embed(y), h(x)>. D judges "real digit y?" without being handed
+            # the label as an input image, which keeps more of each digit's variety than label channels.
+            self.embed = nn.Embedding(n_classes, 256 * 4 * 4)
 
-    def forward(self, x):
-        return self.main(x)
+    def forward(self, x, y=None):
+        if not self.n_classes:
+            return self.main(x)
+        h = self.main[:-1](x)  # state size. (256) x 4 x 4
+        projection = (self.embed(y) * h.flatten(1)).sum(1)
+        return self.main[-1](h) + projection.view(-1, 1, 1, 1)
 
 
 class Generator(nn.Module):
-    def __init__(self, noise_dim=NOISE_DIM):
+    def __init__(self, noise_dim=NOISE_DIM, n_classes=0):
         super().__init__()
+        self.n_classes = n_classes
         self.main = nn.Sequential(
-            # input is Z: (noise_dim) x 1 x 1
-            nn.ConvTranspose2d(noise_dim, 256, 4, 1, 0, bias=False),
+            # input is Z: (noise_dim) x 1 x 1, and for a conditional G the one-hot label: (n_classes) x 1 x 1
+            nn.ConvTranspose2d(noise_dim + n_classes, 256, 4, 1, 0, bias=False),
             nn.BatchNorm2d(256),
             nn.ReLU(True),
             # state size. (256) x 4 x 4
@@ -222,7 +244,10 @@ class Generator(nn.Module):
             # state size. (1) x 28 x 28, in [-1, 1] like the normalized data
         )
 
-    def forward(self, z):
+    def forward(self, z, y=None):
+        if self.n_classes:  # y: digit labels (N,), or (N, n_classes) weights to blend digits
+            y = F.one_hot(y, self.n_classes).to(z.dtype) if y.dtype == torch.long else y.to(z.dtype)
+            z = torch.cat([z, y.view(-1, self.n_classes, 1, 1)], 1)
         return self.main(z)
 
 
@@ -233,6 +258,8 @@ def weights_init(m):
     elif isinstance(m, nn.BatchNorm2d):
         nn.init.normal_(m.weight, 1.0, 0.02)
         nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, 0.0, 0.02)  # like the shared 4x4 filter it is added to
 
 
 GAN = namedtuple("GAN", "G D G_ema G_optimizer D_optimizer")
@@ -240,8 +267,9 @@ GAN = namedtuple("GAN", "G D G_ema G_optimizer D_optimizer")
 
 def build_models(cfg, device):
     """G and D (DCGAN init), the averaged copy of G that we sample from, and two separate Adams."""
-    G = Generator(cfg["noise_dim"]).to(device)
-    D = Discriminator().to(device)
+    n_classes = N_CLASSES if cfg["conditional"] else 0
+    G = Generator(cfg["noise_dim"], n_classes).to(device)
+    D = Discriminator(n_classes).to(device)
     G.apply(weights_init)
     D.apply(weights_init)
     if use_channels_last(device, cfg["channels_last"]):
@@ -258,17 +286,18 @@ def build_models(cfg, device):
 
 # -----------------------------------------------------------------------------
 # 5. Training steps. The GAN game: D learns to tell real digits from G's fakes, G learns to fool D.
-def D_train(real, G, D, D_optimizer, noise_dim, real_label=1.0, amp=False):
+def D_train(real, G, D, D_optimizer, noise_dim, real_label=1.0, amp=False, labels=None):
     """One discriminator step: maximize log D(x) + log(1 - D(G(z))) on a real batch x and a fresh fake
     batch G(z), i.e. minimize binary cross-entropy with targets 1 (real) and 0 (fake).
     The fake is detached for D's loss: this step must update D only, and back-propagating into G here
     would be wasted work. Returns (loss, fake, D(x), D(G(z))): the fake still carries G's graph, so
-    G_train reuses it instead of running G twice; D(x) and D(G(z)) are D's mean probabilities of "real"."""
+    G_train reuses it instead of running G twice; D(x) and D(G(z)) are D's mean probabilities of "real".
+    Conditional GAN: `labels` are the real batch's digits; G draws the same digits, D judges (image, label)."""
     z = torch.randn(real.shape[0], noise_dim, 1, 1, device=real.device)
     with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=amp):
-        fake = G(z)
-        out_real = D(real)
-        out_fake = D(fake.detach())  # detach: D's loss must not backpropagate into G
+        fake = G(z, labels)
+        out_real = D(real, labels)
+        out_fake = D(fake.detach(), labels)  # detach: D's loss must not backpropagate into G
         loss = (F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, real_label))
                 + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake)))
     D_optimizer.zero_grad(set_to_none=True)
@@ -278,13 +307,13 @@ def D_train(real, G, D, D_optimizer, noise_dim, real_label=1.0, amp=False):
     return loss.detach(), fake, d_x, d_g_z
 
 
-def G_train(fake, D, G_optimizer, amp=False):
+def G_train(fake, D, G_optimizer, amp=False, labels=None):
     """One generator step: maximize log D(G(z)), i.e. BCE with target 1 ("real") on the fake batch.
     This is the non-saturating loss of the GAN paper: minimizing log(1 - D(G(z))) instead would give G
     almost no gradient early on, when D rejects its fakes easily. Returns the loss."""
     D.requires_grad_(False)  # gradients flow through D to G, but D's own weight gradients are not needed
     with torch.autocast(fake.device.type, dtype=torch.bfloat16, enabled=amp):
-        out = D(fake)
+        out = D(fake, labels)
         loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
     G_optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -314,13 +343,20 @@ def refresh_bn_stats(G_ema, noise_dim, device, seed, batches=8, batch_size=256):
             m.momentum = None  # None = plain average over the batches below
     G_ema.train()
     for _ in range(batches):
-        G_ema(torch.randn(batch_size, noise_dim, 1, 1, generator=gen).to(device))
+        z = torch.randn(batch_size, noise_dim, 1, 1, generator=gen).to(device)
+        G_ema(z, balanced_labels(batch_size, device) if G_ema.n_classes else None)
     G_ema.eval()
+
+
+def balanced_labels(n, device="cpu"):
+    """0, 1, ..., 9, 0, 1, ...: each digit n/10 times (+-1)."""
+    return (torch.arange(n) % N_CLASSES).to(device)
 
 
 # -----------------------------------------------------------------------------
 # 6. The training loop
 TRACKED = ("d_loss", "g_loss", "d_x", "d_g_z")  # per-batch values averaged over each epoch
+QUALITY_KEYS = ("fid", "score", "min_share", "max_share", "confidence", "label_accuracy")  # see quality()
 
 
 @dataclass
@@ -336,8 +372,7 @@ class TrainState:
     best_fid: float = math.inf  # best FID so far (G_best_fid.ckpt)
     elapsed: float = 0.0       # seconds of training so far, earlier runs of a resumed one included
     grids: list = field(default_factory=list)  # the sample grids written, for progress.gif
-    history: dict = field(default_factory=lambda: {k: [] for k in ("epoch", *TRACKED, "fid", "score",
-                                                                   "min_share", "max_share")})
+    history: dict = field(default_factory=lambda: {k: [] for k in ("epoch", *TRACKED, *QUALITY_KEYS)})
 
 
 STOP = {"signal": None}  # set by the first Ctrl-C / SIGTERM; the loop stops after the current batch
@@ -353,24 +388,26 @@ def handle_stop_signal(signum, frame):
 
 def train_one_epoch(data, gan, state, cfg, amp, n_batches):
     """The tutorial's batch loop, from state.next_batch to the end of the epoch (or a Ctrl-C)."""
-    bs = cfg["batch_size"]
+    bs, device = cfg["batch_size"], data.images.device
     if state.perm is None:  # a new shuffle each epoch (kept in last.ckpt for a resume)
-        state.perm = torch.randperm(len(data))
-    perm = state.perm.to(data.device)
-    sums = torch.tensor(state.sums, device=data.device)  # summed on the device: see the sync note below
+        state.perm = torch.randperm(len(data.images))
+    perm = state.perm.to(device)
+    sums = torch.tensor(state.sums, device=device)  # summed on the device: see the sync note below
     bar = tqdm(range(state.next_batch, n_batches), desc=f"epoch {state.epoch}", initial=state.next_batch,
                total=n_batches, leave=False)
     for i in bar:
-        real = to_float(data[perm[i * bs:(i + 1) * bs]])
+        idx = perm[i * bs:(i + 1) * bs]
+        real = to_float(data.images[idx])
+        labels = data.labels[idx] if cfg["conditional"] else None  # the digits, for a conditional GAN
         ############################
         # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
         ############################
         d_loss, fake, d_x, d_g_z = D_train(real, gan.G, gan.D, gan.D_optimizer, cfg["noise_dim"],
-                                           cfg["real_label"], amp)
+                                           cfg["real_label"], amp, labels)
         ############################
         # (2) Update G network: maximize log(D(G(z)))
         ############################
-        g_loss = G_train(fake, gan.D, gan.G_optimizer, amp)
+        g_loss = G_train(fake, gan.D, gan.G_optimizer, amp, labels)
         ############################
         # (3) moving average of G: the generator we evaluate, sample and save
         ############################
@@ -404,10 +441,11 @@ def end_of_epoch(state, gan, cfg, judging, n_batches, out):
     refresh_bn_stats(gan.G_ema, cfg["noise_dim"], device, seed=cfg["seed"] + SEED_OFFSET_BN_REFRESH)
     metrics = {}
     if judging.every and state.epoch % judging.every == 0:
+        asked = balanced_labels(cfg["eval_samples"]) if cfg["conditional"] else None
         fakes = generate(gan.G_ema, cfg["eval_samples"], cfg["noise_dim"], device,
-                         seed=cfg["seed"] + SEED_OFFSET_EVAL)
-        metrics = quality(*judge_outputs(judging.judge, fakes, device), judging.ref_stats)
-    for k in ("fid", "score", "min_share", "max_share"):
+                         seed=cfg["seed"] + SEED_OFFSET_EVAL, labels=asked)
+        metrics = quality(*judge_outputs(judging.judge, fakes, device), judging.ref_stats, asked)
+    for k in QUALITY_KEYS:
         history[k].append(metrics.get(k, math.nan))
     if metrics and metrics["fid"] < state.best_fid:
         state.best_fid = metrics["fid"]
@@ -435,6 +473,8 @@ def epoch_line(state, cfg, metrics, judging, seconds):
     if metrics:
         line += (f"  FID: {metrics['fid']:.2f} (real data: {judging.floor['fid']:.2f})  score: {metrics['score']:.2f}"
                  f"  digits: {metrics['min_share']:.1%}-{metrics['max_share']:.1%}")
+        if cfg["conditional"]:  # how often the judge reads the digit G was asked for
+            line += f"  labels: {metrics['label_accuracy']:.1%}"
     return line + f"  ({seconds:.0f}s)"
 
 
@@ -467,15 +507,35 @@ def plan_evaluation(cfg, given, mnist, device):
     return Judging(every, select_by, judge, *reference_stats(judge, mnist, device))
 
 
+Data = namedtuple("Data", "images labels")  # what we train on: uint8 (N, 28, 28) and digits (N,)
+
+
+def grid_size(conditional):
+    """Progress grids are 8x8; a conditional G's are 10x10, row r = digit r."""
+    return N_CLASSES if conditional else 8
+
+
+def draw_fixed(G, fixed_noise):
+    """The progress grid's images: the fixed noise, and for a conditional G the digits row by row."""
+    n = len(fixed_noise)
+    labels = torch.arange(n) // grid_size(True) if G.n_classes else None
+    return generate(G, n, fixed_noise.shape[1], next(G.parameters()).device, seed=0, labels=labels,
+                    noise=fixed_noise)
+
+
 def setup_training(cfg, given, saved, device):
     """Everything train() needs, from scratch or from a read_training_state()."""
     last = os.path.join(cfg["output_dir"], "last.ckpt")
     mnist = load_mnist(cfg["data_dir"])
-    data = torch.cat([mnist.train_images, mnist.test_images]).to(device)  # 70,000 digits, uint8
+    if cfg["merge_test"]:  # the tutorial's 70,000 digits (uint8, kept on the device)
+        data = Data(torch.cat([mnist.train_images, mnist.test_images]).to(device),
+                    torch.cat([mnist.train_labels, mnist.test_labels]).to(device))
+    else:  # the 60,000 training digits: the test digits that FID compares with stay unseen
+        data = Data(mnist.train_images.to(device), mnist.train_labels.to(device))
     judging = plan_evaluation(cfg, given, mnist, device)
     set_seed(cfg["seed"], cfg["deterministic"])
     gan = build_models(cfg, device)
-    fixed_noise = torch.randn(64, cfg["noise_dim"], 1, 1,
+    fixed_noise = torch.randn(grid_size(cfg["conditional"]) ** 2, cfg["noise_dim"], 1, 1,
                               generator=torch.Generator().manual_seed(cfg["seed"] + SEED_OFFSET_GRID))
     state = TrainState()
     if saved is not None:
@@ -491,12 +551,13 @@ def train(cfg, given=()):
     if cfg["resume"]:  # checked before any work: the saved run's settings, with what was changed now
         saved = read_training_state(os.path.join(cfg["output_dir"], "last.ckpt"))
         cfg = resume_settings(cfg, given, saved["config"])
+        given = set(given) | set(saved["given"])  # what the first run was told counts as told (e.g. --eval_every)
     out, device = cfg["output_dir"], pick_device(cfg["device"])
     os.makedirs(out, exist_ok=True)
     data, judging, gan, fixed_noise, state = setup_training(cfg, given, saved, device)
     amp = use_bf16(device, cfg["amp"])
     start_time = time.time() - state.elapsed  # the time budget counts the earlier part of a resumed run
-    n_batches = math.ceil(len(data) / cfg["batch_size"])
+    n_batches = math.ceil(len(data.images) / cfg["batch_size"])
     n_batches = min(n_batches, cfg["max_batches"] or n_batches)
     STOP["signal"] = None
     # Explicit handlers: a background process may start with SIGINT ignored, and SIGTERM never
@@ -512,18 +573,19 @@ def train(cfg, given=()):
             seconds = time.time() - epoch_start
             reason = stop_reason(state, cfg, time.time() - start_time, seconds)
             if state.epoch % cfg["sample_every"] == 0 or reason:
-                save_grid(gan.G_ema(fixed_noise.to(device)), os.path.join(out, f"samples_epoch_{state.epoch:03d}.png"))
+                save_grid(draw_fixed(gan.G_ema, fixed_noise), os.path.join(out, f"samples_epoch_{state.epoch:03d}.png"),
+                          nrow=grid_size(cfg["conditional"]))
                 state.grids.append(f"samples_epoch_{state.epoch:03d}.png")
             print(epoch_line(state, cfg, metrics, judging, seconds), flush=True)
             state.epoch, state.next_batch, state.perm, state.sums = state.epoch + 1, 0, None, [0.0] * len(TRACKED)
             state.elapsed = time.time() - start_time
-            save_training_state(os.path.join(out, "last.ckpt"), gan, fixed_noise, state, cfg)
+            save_training_state(os.path.join(out, "last.ckpt"), gan, fixed_noise, state, cfg, given)
     finally:
         for s, h in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
             signal.signal(s, h)
     if STOP["signal"]:
         state.elapsed = time.time() - start_time
-        save_training_state(os.path.join(out, "last.ckpt"), gan, fixed_noise, state, cfg)
+        save_training_state(os.path.join(out, "last.ckpt"), gan, fixed_noise, state, cfg, given)
         print(f"Interrupted; the training state is in {os.path.join(out, 'last.ckpt')}. Continue with:\n"
               f"  python {os.path.basename(sys.argv[0] or 'dcgan_mnist.py')} {' '.join(sys.argv[1:])} --resume=True",
               flush=True)
@@ -542,9 +604,8 @@ def finish(state, gan, cfg, judging, reason, data, fixed_noise, start_time):
         print(f"Stopped: the next epoch would end past --max_minutes={cfg['max_minutes']:g}")
     save_plots(state.history, judging.floor["fid"] if judging.every else None, os.path.join(out, "losses.png"))
     save_progress_gif([os.path.join(out, g) for g in state.grids], os.path.join(out, "progress.gif"))
-    with torch.no_grad():
-        fakes = gan.G_ema(fixed_noise.to(data.device))
-    save_real_vs_fake(to_float(data[:64].cpu()), fakes, os.path.join(out, "real_vs_fake.png"))
+    save_real_vs_fake(to_float(data.images[:64].cpu()), draw_fixed(gan.G_ema, fixed_noise)[:64],
+                      os.path.join(out, "real_vs_fake.png"))
     print(f"Done in {(time.time() - start_time) / 60:.1f} min. Outputs in {out}/")
 
 
@@ -638,13 +699,17 @@ def feature_stats(feats):
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
-def quality(feats, probs, ref_stats):
-    """FID against ref_stats, score = exp(E KL(p(y|x) || p(y))), and the share of each predicted digit."""
+def quality(feats, probs, ref_stats, asked=None):
+    """FID against ref_stats, score = exp(E KL(p(y|x) || p(y))), the share of each predicted digit, the
+    judge's mean confidence (too high = digits more alike than real ones), and, given the digits G was
+    asked for, how often the judge reads them (label accuracy)."""
     p_y = probs.mean(0)
     kl = (probs * (np.log(probs + 1e-12) - np.log(p_y + 1e-12))).sum(1)
     shares = np.bincount(probs.argmax(1), minlength=10) / len(probs)
+    label_accuracy = float((probs.argmax(1) == np.asarray(asked)).mean()) if asked is not None else math.nan
     return {"fid": frechet_distance(*feature_stats(feats), *ref_stats), "score": float(np.exp(kl.mean())),
-            "min_share": float(shares.min()), "max_share": float(shares.max())}
+            "min_share": float(shares.min()), "max_share": float(shares.max()),
+            "confidence": float(probs.max(1).mean()), "label_accuracy": label_accuracy}
 
 
 def reference_stats(judge, mnist, device):
@@ -655,12 +720,18 @@ def reference_stats(judge, mnist, device):
     return ref_stats, floor
 
 
-def generate(G, n, noise_dim, device, seed, batch=1000):
-    """n images from G with noise from its own seeded generator (never touches the training RNG)."""
-    gen = torch.Generator().manual_seed(seed)
+def generate(G, n, noise_dim, device, seed, labels=None, noise=None, noise_std=1.0, batch=1000):
+    """n images from G with noise from its own seeded generator (never touches the training RNG), or
+    the given `noise`. A conditional G draws `labels` (default: each digit n/10 times, balanced_labels)."""
+    if G.n_classes and labels is None:
+        labels = balanced_labels(n)
+    gen, images = torch.Generator().manual_seed(seed), []
     with torch.no_grad():
-        return torch.cat([G(torch.randn(min(batch, n - i), noise_dim, 1, 1, generator=gen).to(device)).float()
-                          for i in range(0, n, batch)])
+        for i in range(0, n, batch):
+            z = noise[i:i + batch] if noise is not None else noise_std * torch.randn(
+                min(batch, n - i), noise_dim, 1, 1, generator=gen)
+            images.append(G(z.to(device), labels[i:i + batch].to(device) if G.n_classes else None).float())
+    return torch.cat(images)
 
 
 # -----------------------------------------------------------------------------
@@ -696,17 +767,19 @@ def atomic_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def save_training_state(path, gan, fixed_noise, state, cfg):
-    """Everything --resume needs: weights, optimizers, TrainState, random streams, settings."""
+def save_training_state(path, gan, fixed_noise, state, cfg, given):
+    """Everything --resume needs: weights, optimizers, TrainState, random streams, settings (and which
+    of them were given on the command line)."""
     atomic_save({"G": gan.G.state_dict(), "D": gan.D.state_dict(), "G_ema": gan.G_ema.state_dict(),
                  "G_optimizer": gan.G_optimizer.state_dict(), "D_optimizer": gan.D_optimizer.state_dict(),
-                 "fixed_noise": fixed_noise, "state": asdict(state), "rng": rng_states(), "config": cfg}, path)
+                 "fixed_noise": fixed_noise, "state": asdict(state), "rng": rng_states(), "config": cfg,
+                 "given": sorted(given)}, path)
 
 
 def read_training_state(path):
     """last.ckpt (on the CPU), checked: it must be a training state saved by this version."""
     saved = load_checkpoint(path, "cpu")
-    if not isinstance(saved, dict) or not {"config", "state", "rng"} <= set(saved):
+    if not isinstance(saved, dict) or not {"config", "state", "rng", "given"} <= set(saved):
         die(f"{path}: not a training state saved by this script", 1)
     if set(saved["state"]) != {f.name for f in TrainState.__dataclass_fields__.values()}:
         die(f"{path}: saved by another version of this script; start a new run (without --resume)", 1)
@@ -714,7 +787,7 @@ def read_training_state(path):
 
 
 # They define what the saved weights and random streams mean: a resumed run cannot change them.
-FIXED_ON_RESUME = ("batch_size", "noise_dim", "seed")
+FIXED_ON_RESUME = ("batch_size", "noise_dim", "seed", "conditional", "merge_test")
 
 
 def resume_settings(cfg, given, saved_cfg):
@@ -774,13 +847,27 @@ def load_checkpoint(path, device):
 
 
 def load_generator(path, noise_dim, device):
-    G = Generator(noise_dim).to(device)
+    """A G_model.ckpt-style state_dict. Conditional or not is read off its first layer: a conditional G
+    takes noise_dim + 10 input channels (the one-hot label), an unconditional one noise_dim."""
     state = load_checkpoint(path, device)
+    in_channels = state.get("main.0.weight", torch.empty(0)).shape[:1] if isinstance(state, dict) else ()
+    G = Generator(noise_dim, N_CLASSES if in_channels == (noise_dim + N_CLASSES,) else 0).to(device)
     try:
         G.load_state_dict(state)
     except Exception as e:
         die(f"{path}: not a Generator(noise_dim={noise_dim}) state_dict: {str(e).splitlines()[0][:200]}", 1)
     return G.eval()
+
+
+def idx_bytes(array, magic):
+    """An IDX file, as MNIST's own files are: big-endian magic, each dimension, then uint8 data."""
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def to_uint8(images):
+    """float images in [-1, 1] -> uint8 (N, 28, 28) pixels, as in MNIST's files and PNGs."""
+    return ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
 def save_grid(images, path, nrow=8):
@@ -801,7 +888,8 @@ def save_plots(history, fid_floor, path):
     if has_fid:
         ax = axes[1, 0]
         ax.plot(history["epoch"], history["fid"], "o-", label="FID (LeNet features) of G")
-        ax.axhline(fid_floor, color="gray", ls="--", label=f"real data floor ({fid_floor:.2f})")
+        if fid_floor is not None:  # None: this (resumed) run did not load the judge
+            ax.axhline(fid_floor, color="gray", ls="--", label=f"real data floor ({fid_floor:.2f})")
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.legend()
@@ -829,39 +917,132 @@ def save_real_vs_fake(real, fake, path):
     plt.close(fig)
 
 
-def save_pngs(images, folder):
-    """Each image in [-1, 1] as a 28x28 grayscale PNG, NNNNNN.png."""
-    pixels = ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-    for i, img in enumerate(pixels):
-        atomic_write(os.path.join(folder, f"{i:06d}.png"), lambda f: f.write(cv2.imencode(".png", img)[1].tobytes()))
+def save_pngs(images, folder, labels=None):
+    """Each image in [-1, 1] as a 28x28 grayscale PNG, NNNNNN.png; with labels, in the ImageFolder
+    layout folder/<digit>/NNNNNN.png that torchvision.datasets.ImageFolder reads."""
+    for i, img in enumerate(to_uint8(images).numpy()):
+        sub = os.path.join(folder, str(int(labels[i]))) if labels is not None else folder
+        os.makedirs(sub, exist_ok=True)
+        atomic_write(os.path.join(sub, f"{i:06d}.png"), lambda f: f.write(cv2.imencode(".png", img)[1].tobytes()))
+
+
+def slerp(a, b, t):
+    """Spherical interpolation from a to b: it keeps to the shell where Gaussian noise vectors live (a
+    straight line between two of them passes through unusually short vectors, which G rarely saw)."""
+    omega = torch.acos((a / a.norm() * b / b.norm()).sum().clamp(-1, 1))
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+def save_interpolation(G, noise_dim, device, seed, path, rows=10, steps=10):
+    """Row r walks from noise vector r to noise vector r + 1; for a conditional G also from digit r to
+    digit r + 1 (the one-hot label blended linearly): what moving through the noise means to G."""
+    ends = torch.randn(rows + 1, noise_dim, generator=torch.Generator().manual_seed(seed))
+    ts = torch.linspace(0, 1, steps)
+    z = torch.stack([slerp(ends[r], ends[r + 1], t) for r in range(rows) for t in ts]).view(-1, noise_dim, 1, 1)
+    y = None
+    if G.n_classes:
+        one_hot = torch.eye(G.n_classes)
+        y = torch.stack([(1 - t) * one_hot[r % 10] + t * one_hot[(r + 1) % 10] for r in range(rows) for t in ts])
+    with torch.no_grad():
+        images = G(z.to(device), y.to(device) if y is not None else None)
+    save_grid(images, path, nrow=steps)
 
 
 # -----------------------------------------------------------------------------
-# 9. Sampling (load the generator like any plain state_dict) and evaluation
-def sample(cfg, n, png_dir, ckpt):
+# 9. Sampling (load the generator like any plain state_dict), evaluation and the fake dataset
+def sample(cfg, opts):
+    """A grid (8x8; 10x10 by digit for a conditional G; 8x8 of one --digit), optional PNGs and an
+    interpolation picture."""
     device = pick_device(cfg["device"])
-    G = load_generator(ckpt, cfg["noise_dim"], device)
+    G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
+    digit, nd = opts["digit"], cfg["noise_dim"]
+    if digit is not None and not G.n_classes:
+        die(f"--digit needs a conditional generator; {opts['ckpt']} is unconditional "
+            f"(train one with --conditional=True)", 2)
+    if digit is not None:
+        grid, nrow = generate(G, 64, nd, device, cfg["seed"] + SEED_OFFSET_GRID, torch.full((64,), digit)), 8
+    elif G.n_classes:
+        grid, nrow = generate(G, 100, nd, device, cfg["seed"] + SEED_OFFSET_GRID, torch.arange(100) // 10), 10
+    else:
+        grid, nrow = generate(G, 64, nd, device, cfg["seed"] + SEED_OFFSET_GRID), 8
     grid_path = os.path.join(cfg["output_dir"], "fake_grid.png")
-    save_grid(generate(G, 64, cfg["noise_dim"], device, seed=cfg["seed"] + SEED_OFFSET_GRID), grid_path)
+    save_grid(grid, grid_path, nrow=nrow)
     print(f"Wrote {grid_path}")
-    if png_dir:
-        os.makedirs(png_dir, exist_ok=True)
-        save_pngs(generate(G, n, cfg["noise_dim"], device, seed=cfg["seed"] + SEED_OFFSET_PNGS), png_dir)
-        print(f"Wrote {n} PNGs (28x28 grayscale) to {png_dir}/")
+    if opts["interpolate"]:
+        path = os.path.join(cfg["output_dir"], "interpolation.png")
+        save_interpolation(G, nd, device, cfg["seed"] + SEED_OFFSET_GRID, path)
+        print(f"Wrote {path}")
+    if opts["png_dir"]:
+        n = opts["n"]
+        labels = (torch.full((n,), digit) if digit is not None else balanced_labels(n)) if G.n_classes else None
+        save_pngs(generate(G, n, nd, device, cfg["seed"] + SEED_OFFSET_PNGS, labels), opts["png_dir"], labels)
+        layout = "<digit>/NNNNNN.png" if G.n_classes else "NNNNNN.png"
+        print(f"Wrote {n} PNGs (28x28 grayscale) to {opts['png_dir']}/{layout}")
 
 
-def evaluate(cfg, n, ckpt):
+def labeled_fakes(G, n, noise_dim, device, seed, noise_std, judge=None):
+    """n generated digits (uint8) and their labels: the digits a conditional G was asked for (balanced,
+    in shuffled order), or, for an unconditional G, the judge's reading of each (only as good as the judge).
+    noise_std > 1 (DATASET_NOISE) reaches the rarer digits at the edges of G's range: a classifier
+    trained on the set then meets fewer surprises among real digits."""
+    if G.n_classes:
+        labels = balanced_labels(n)[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+        return to_uint8(generate(G, n, noise_dim, device, seed, labels, noise_std=noise_std)), labels
+    images = generate(G, n, noise_dim, device, seed, noise_std=noise_std)
+    return to_uint8(images), torch.from_numpy(judge_outputs(judge, images, device)[1].argmax(1))
+
+
+def write_dataset(cfg, opts):
+    """A fake MNIST in MNIST's own files: DIR/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte."""
     device = pick_device(cfg["device"])
-    G = load_generator(ckpt, cfg["noise_dim"], device)
+    G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
+    judge = None if G.n_classes else get_judge(cfg["cache_dir"], load_mnist(cfg["data_dir"]), device)
+    raw = os.path.join(opts["dataset_dir"], "MNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for split, n, offset in (("train", opts["n"], 0), ("t10k", opts["n_test"], 1)):
+        images, labels = labeled_fakes(G, n, cfg["noise_dim"], device, cfg["seed"] + SEED_OFFSET_DATASET + offset,
+                                       cfg["dataset_noise"], judge)
+        atomic_write(os.path.join(raw, f"{split}-images-idx3-ubyte"), lambda f: f.write(idx_bytes(images.numpy(), 2051)))
+        atomic_write(os.path.join(raw, f"{split}-labels-idx1-ubyte"), lambda f: f.write(idx_bytes(labels.numpy(), 2049)))
+    source = "the digits G was asked for" if G.n_classes else "the judge's reading of each digit"
+    print(f"Wrote {opts['n']} training and {opts['n_test']} test digits to {raw}/ (labels: {source}). "
+          f"Load with torchvision.datasets.MNIST({opts['dataset_dir']!r}) or --data_dir={opts['dataset_dir']}")
+
+
+def train_on_fake_accuracy(images, labels, mnist, device):
+    """Train on synthetic, test on real: a fresh classifier of the judge's architecture, trained the
+    judge's way (train_judge: same seed, 3 epochs) on these labeled uint8 digits; its accuracy on the
+    10,000 real test digits. Fed the 60,000 real training digits, this is the judge itself."""
+    classifier = train_judge(images, labels, device)
+    return judge_accuracy(classifier, mnist.test_images, mnist.test_labels, device)
+
+
+def evaluate(cfg, opts):
+    device = pick_device(cfg["device"])
+    G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
     mnist = load_mnist(cfg["data_dir"])
     judge = get_judge(cfg["cache_dir"], mnist, device)
     ref_stats, floor = reference_stats(judge, mnist, device)
-    fakes = generate(G, n, cfg["noise_dim"], device, seed=cfg["seed"] + SEED_OFFSET_EVAL)
-    rows = [(f"{ckpt} ({n} samples)", quality(*judge_outputs(judge, fakes, device), ref_stats)),
+    n = opts["n"]
+    asked = balanced_labels(n) if G.n_classes else None
+    fakes = generate(G, n, cfg["noise_dim"], device, seed=cfg["seed"] + SEED_OFFSET_EVAL, labels=asked)
+    rows = [(f"{opts['ckpt']} ({n} samples)", quality(*judge_outputs(judge, fakes, device), ref_stats, asked)),
             ("real: 10,000 training images", floor)]
-    print(f"{'images vs the 10,000 test digits':<44} {'FID':>8} {'score':>6} {'rarest digit':>13} {'commonest':>10}")
+    print(f"{'images vs the 10,000 test digits':<44} {'FID':>8} {'score':>6} {'rarest digit':>13} {'commonest':>10}"
+          f" {'confidence':>11}" + (f" {'labels':>8}" if G.n_classes else ""))
     for name, m in rows:
-        print(f"{name:<44} {m['fid']:8.2f} {m['score']:6.2f} {m['min_share']:13.1%} {m['max_share']:10.1%}")
+        print(f"{name:<44} {m['fid']:8.2f} {m['score']:6.2f} {m['min_share']:13.1%} {m['max_share']:10.1%}"
+              f" {m['confidence']:11.2%}" + (f" {m['label_accuracy']:8.2%}" if G.n_classes and name[0] != "r" else ""))
+    if opts["n_train"]:
+        images, labels = labeled_fakes(G, opts["n_train"], cfg["noise_dim"], device,
+                                       cfg["seed"] + SEED_OFFSET_DATASET, cfg["dataset_noise"], judge)
+        fake_acc = train_on_fake_accuracy(images, labels, mnist, device)
+        real_acc = judge_accuracy(judge, mnist.test_images, mnist.test_labels, device)
+        source = "asked-for" if G.n_classes else "judge"
+        print(f"train on {opts['n_train']:,} generated digits ({source} labels, noise std {cfg['dataset_noise']:g}), "
+              f"test on the 10,000 real test "
+              f"digits: {fake_acc:.2%}\nthe same classifier trained on the 60,000 real training digits: "
+              f"{real_acc:.2%}\ntrain-on-fake gap: {100 * (fake_acc - real_acc):+.2f} points")
 
 
 # -----------------------------------------------------------------------------
@@ -949,6 +1130,7 @@ def validate(cfg):
         ("sample_every", cfg["sample_every"] >= 1, "must be at least 1"),
         ("eval_every", cfg["eval_every"] >= 0, "must be 0 (never) or more"),
         ("eval_samples", cfg["eval_samples"] >= 100, "must be at least 100"),
+        ("dataset_noise", 0 < cfg["dataset_noise"] < math.inf, "must be a positive number"),
         ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg["device"]) is not None,
          'must be "auto", "cpu", "cuda", "cuda:N" or "mps"'),
     ]
@@ -1018,14 +1200,50 @@ def output_folder_lock(folder):
         f.close()
 
 
+# The commands' own options. Whole numbers: (default, smallest, largest or None); others: their default.
+COMMAND_OPTIONS = {
+    "train": {},
+    "sample": {"n": (64, 1, None), "digit": (None, 0, N_CLASSES - 1), "interpolate": False, "png_dir": "",
+               "ckpt": ""},
+    "evaluate": {"n": (10000, 100, None), "n_train": (60000, 0, None), "ckpt": ""},
+    "dataset": {"n": (60000, 1, None), "n_test": (10000, 1, None), "dataset_dir": "", "ckpt": ""},
+}
+
+
+def parse_options(command, options, cfg):
+    """The command's own options, typed and checked (one line and exit 2 for a bad one)."""
+    opts = {}
+    for name, spec in COMMAND_OPTIONS[command].items():
+        text = options.get(name)
+        if isinstance(spec, tuple):  # a whole number in [low, high]
+            default, low, high = spec
+            value = int(text) if text is not None and re.fullmatch(r"\d+", text) else None
+            if text is not None and (value is None or value < low or (high is not None and value > high)):
+                die(f"--{name}={text} must be a whole number from {low}" + (f" to {high}" if high else " up"), 2)
+            opts[name] = default if text is None else value
+        elif isinstance(spec, bool):  # a bare --interpolate means True
+            opts[name] = spec if text is None else parse_value(text or "true", spec)
+            if opts[name] is None:
+                die(f"--{name}={text} must be True or False", 2)
+        else:
+            opts[name] = text or spec
+    if "ckpt" in opts and not opts["ckpt"]:
+        opts["ckpt"] = os.path.join(cfg["output_dir"], "G_model.ckpt")
+    if command == "dataset" and not opts["dataset_dir"]:
+        die("dataset needs --dataset_dir=<folder> (it writes <folder>/MNIST/raw/)", 2)
+    for name in ("png_dir", "dataset_dir"):
+        if opts.get(name):
+            check_folder(name, opts[name])
+    return opts
+
+
 def main(argv):
     command, args = "train", argv
     if argv and not argv[0].startswith("-"):
         command, args = argv[0], argv[1:]
-    extra = {"train": (), "sample": ("n", "png_dir", "ckpt"), "evaluate": ("n", "ckpt")}
-    if command not in extra:
-        die(f"unknown command {command!r}; use train (the default), sample or evaluate", 2)
-    cfg, given, options = parse_args(args, extra[command])
+    if command not in COMMAND_OPTIONS:
+        die(f"unknown command {command!r}; use train (the default), sample, evaluate or dataset", 2)
+    cfg, given, options = parse_args(args, tuple(COMMAND_OPTIONS[command]))
     validate(cfg)
     check_folder("output_dir", cfg["output_dir"])
     for option in ("cache_dir", "data_dir"):  # made only when needed (a judge to cache, a download)
@@ -1037,16 +1255,8 @@ def main(argv):
         with output_folder_lock(cfg["output_dir"]):
             train(cfg, given)
         return
-    if options.get("png_dir"):
-        check_folder("png_dir", options["png_dir"])
-    n_text = options.get("n", "64" if command == "sample" else "10000")
-    if not n_text.isdigit() or int(n_text) < 1:
-        die(f"--n={n_text} must be a positive whole number", 2)
-    ckpt = options.get("ckpt") or os.path.join(cfg["output_dir"], "G_model.ckpt")
-    if command == "sample":
-        sample(cfg, int(n_text), options.get("png_dir"), ckpt)
-    else:
-        evaluate(cfg, int(n_text), ckpt)
+    opts = parse_options(command, options, cfg)
+    {"sample": sample, "evaluate": evaluate, "dataset": write_dataset}[command](cfg, opts)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,182 @@
+"""Issue 10: the conditional mode, the held-out setting, the fake MNIST in MNIST's files, train-on-fake."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from conftest import DATA_DIR, assert_one_line_error, config, dm, run_main
+
+CPU = torch.device("cpu")
+SMALL = ["--conditional=True", "--max_batches=5", "--batch_size=32", f"--data_dir={DATA_DIR}"]
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    """A conditional smoke run, 2 epochs straight (shared; tests must not change it)."""
+    out = str(tmp_path_factory.mktemp("conditional"))
+    result = run_main(*SMALL, "--epochs=2", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_conditional_G_and_D_depend_on_the_label():
+    torch.manual_seed(0)
+    G, D = dm.Generator(100, 10).apply(dm.weights_init).eval(), dm.Discriminator(10).apply(dm.weights_init).eval()
+    z = torch.randn(4, 100, 1, 1).repeat(2, 1, 1, 1)
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    fakes = G(z, y)
+    assert fakes.shape == (8, 1, 28, 28)
+    # same noise, other digits: other images (at init G's outputs are small, so compare relatively)
+    assert (fakes[:4] - fakes[4:]).abs().mean() > 0.02 * fakes.abs().mean()
+    x = fakes[:4].repeat(2, 1, 1, 1)
+    logits = D(x, y)
+    assert logits.shape == (8, 1, 1, 1) and not torch.allclose(logits[:4], logits[4:])
+    # an unconditional pair is the tutorial's: the label is not an input at all
+    assert dm.Generator(100).main[0].in_channels == 100 and not hasattr(dm.Discriminator(), "embed")
+
+
+def test_merge_test_false_trains_on_the_60000_training_digits_only(mnist):
+    for merge, n in ((True, 70000), (False, 60000)):
+        data = dm.setup_training(config(merge_test=merge, eval_every=0), (), None, CPU)[0]
+        assert len(data.images) == len(data.labels) == n
+        assert torch.equal(data.images[:100], mnist.train_images[:100])
+        assert torch.equal(data.labels[:100], mnist.train_labels[:100])
+
+
+def test_conditional_run_resumes_exactly_and_writes_10x10_grids(conditional_run, tmp_path):
+    out = str(tmp_path / "resumed")
+    assert run_main(*SMALL, "--epochs=1", f"--output_dir={out}").returncode == 0
+    result = run_main("--resume", "--epochs=2", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = torch.load(os.path.join(out, "last.ckpt"), weights_only=True)
+    b = torch.load(os.path.join(conditional_run, "last.ckpt"), weights_only=True)
+    for net in ("G", "D", "G_ema"):
+        for k in b[net]:
+            assert torch.equal(a[net][k], b[net][k]), (net, k)
+    assert a["config"]["conditional"] is True
+    grid = cv2.imread(os.path.join(conditional_run, "samples_epoch_002.png"))
+    assert grid.shape[:2] == (10 * 28 + 11 * 2, 10 * 28 + 11 * 2)  # 10x10, padding 2
+    # a resumed run cannot switch the mode
+    result = run_main("--resume", "--conditional=False", "--epochs=3", f"--output_dir={out}")
+    assert_one_line_error(result, 2, "--conditional")
+
+
+def test_sample_digit_grid_interpolation_and_imagefolder_pngs(conditional_run, tmp_path):
+    ckpt, out = os.path.join(conditional_run, "G_model.ckpt"), str(tmp_path / "o")
+    result = run_main("sample", f"--ckpt={ckpt}", f"--output_dir={out}", "--interpolate",
+                      "--n=25", f"--png_dir={tmp_path / 'png'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert cv2.imread(os.path.join(out, "fake_grid.png")).shape[:2] == (302, 302)  # 10x10 by digit
+    assert cv2.imread(os.path.join(out, "interpolation.png")).shape[:2] == (302, 302)
+    folder = torchvision.datasets.ImageFolder(str(tmp_path / "png"))
+    assert folder.classes == [str(d) for d in range(10)]
+    counts = np.bincount([label for _, label in folder.samples], minlength=10)
+    assert counts.tolist() == [3] * 5 + [2] * 5  # 25 digits, balanced
+    assert run_main("sample", f"--ckpt={ckpt}", f"--output_dir={out}", "--digit=7").returncode == 0
+    assert cv2.imread(os.path.join(out, "fake_grid.png")).shape[:2] == (242, 242)  # 8x8 sevens
+
+
+def test_slerp_stays_on_the_noise_shell():
+    a, b = torch.randn(100, generator=torch.Generator().manual_seed(0)), torch.randn(100)
+    b = b / b.norm() * a.norm()
+    path = [dm.slerp(a, b, t) for t in torch.linspace(0, 1, 5)]
+    torch.testing.assert_close(path[0], a)
+    torch.testing.assert_close(path[-1], b, rtol=1e-4, atol=1e-4)
+    assert all(abs(p.norm() - a.norm()) < 1e-3 for p in path)  # a straight line would dip in between
+
+
+def _read_idx(path):
+    data = open(path, "rb").read()
+    return int.from_bytes(data[:4], "big"), data
+
+
+def test_dataset_is_mnist_to_torchvision_and_to_this_script(conditional_run, tmp_path):
+    folder = str(tmp_path / "fake_mnist")
+    result = run_main("dataset", "--n=50", "--n_test=20", f"--dataset_dir={folder}",
+                      f"--ckpt={conditional_run}/G_model.ckpt", f"--output_dir={tmp_path / 'o'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    raw = os.path.join(folder, "MNIST", "raw")
+    assert sorted(os.listdir(raw)) == sorted(dm.RAW_FILES)  # nothing else, no temporary files
+    assert _read_idx(os.path.join(raw, "train-images-idx3-ubyte"))[0] == 2051
+    assert _read_idx(os.path.join(raw, "train-labels-idx1-ubyte"))[0] == 2049
+    for train, n in ((True, 50), (False, 20)):
+        ds = torchvision.datasets.MNIST(folder, train=train, download=False)
+        assert ds.data.shape == (n, 28, 28) and ds.data.dtype == torch.uint8
+        assert ds.targets.dtype == torch.int64
+        assert np.bincount(ds.targets.numpy(), minlength=10).tolist() == [n // 10] * 10  # balanced
+        assert ds.data.float().std() > 10  # images, not blanks
+    loaded = dm.load_mnist(folder)  # a drop-in for --data_dir
+    assert torch.equal(loaded.train_images, torchvision.datasets.MNIST(folder, train=True).data)
+    assert len(loaded.test_labels) == 20
+
+
+def test_unconditional_dataset_is_labeled_by_the_judge(smoke_run, judge, judge_cache, tmp_path):
+    folder = str(tmp_path / "fake_mnist")
+    result = run_main("dataset", "--n=200", "--n_test=10", f"--dataset_dir={folder}", f"--data_dir={DATA_DIR}",
+                      f"--ckpt={smoke_run[0]}/G_model.ckpt", f"--cache_dir={judge_cache}",
+                      f"--output_dir={tmp_path / 'o'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "judge" in result.stdout
+    ds = torchvision.datasets.MNIST(folder, train=True, download=False)
+    with torch.no_grad():
+        read = judge(dm.to_float(ds.data)).argmax(1)
+    assert (read == ds.targets).float().mean() > 0.95  # the judge's reading (pixels were rounded since)
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["sample", "--digit=10"], 2, "--digit"),
+    (["sample", "--digit=-1"], 2, "--digit"),
+    (["sample", "--digit=seven"], 2, "--digit"),
+    (["dataset", "--n=100"], 2, "--dataset_dir"),
+    (["dataset", "--n=0", "--dataset_dir=x"], 2, "--n"),
+    (["dataset", "--n=ten", "--dataset_dir=x"], 2, "--n"),
+    (["dataset", "--n_test=0", "--dataset_dir=x"], 2, "--n_test"),
+    (["sample", "--interpolate=maybe"], 2, "--interpolate"),
+])
+def test_command_option_errors_are_one_line(args, code, needle, tmp_path):
+    result = run_main(*args, f"--output_dir={tmp_path / 'o'}")
+    assert_one_line_error(result, code, needle)
+
+
+def test_digit_with_an_unconditional_checkpoint_and_dataset_dir_that_is_a_file(smoke_run, tmp_path):
+    ckpt = f"--ckpt={smoke_run[0]}/G_model.ckpt"
+    result = run_main("sample", "--digit=3", ckpt, f"--output_dir={tmp_path / 'o'}")
+    assert_one_line_error(result, 2, "--digit", "unconditional")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_main("dataset", f"--dataset_dir={blocker}", ckpt, f"--output_dir={tmp_path / 'o'}")
+    assert_one_line_error(result, 2, "--dataset_dir")
+
+
+def test_train_on_fake_routine_measures_real_digits_like_the_judge(mnist):
+    """Fed real labeled digits it gives a judge-like accuracy; fed wrong labels, chance."""
+    accuracy = dm.train_on_fake_accuracy(mnist.train_images[:6000], mnist.train_labels[:6000], mnist, CPU)
+    assert accuracy > 0.95  # 6,000 digits (a tenth of MNIST): 95.9%; all 60,000 give the judge, 99.1%
+    shuffled = mnist.train_labels[:2000][torch.randperm(2000, generator=torch.Generator().manual_seed(0))]
+    assert dm.train_on_fake_accuracy(mnist.train_images[:2000], shuffled, mnist, CPU) < 0.3
+
+
+def test_label_accuracy_and_confidence_on_real_digits(judge, mnist):
+    images, labels = dm.to_float(mnist.test_images[:2000]), mnist.test_labels[:2000]
+    ref = dm.feature_stats(dm.judge_outputs(judge, dm.to_float(mnist.test_images), CPU)[0])
+    right = dm.quality(*dm.judge_outputs(judge, images, CPU), ref, labels)
+    wrong = dm.quality(*dm.judge_outputs(judge, images, CPU), ref, (labels + 1) % 10)
+    assert right["label_accuracy"] > 0.97 and wrong["label_accuracy"] < 0.03
+    assert 0.9 < right["confidence"] < 1
+
+
+def test_evaluate_reports_label_accuracy_and_train_on_fake(conditional_run, judge_cache, tmp_path):
+    result = run_main("evaluate", "--n=500", "--n_train=500", f"--ckpt={conditional_run}/G_model.ckpt",
+                      f"--data_dir={DATA_DIR}", f"--cache_dir={judge_cache}", f"--output_dir={tmp_path / 'o'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "labels" in lines[0] and "confidence" in lines[0]
+    fake_line = next(l for l in lines if l.startswith("train on 500 generated digits (asked-for labels, noise std 1.5)"))
+    real_line = next(l for l in lines if l.startswith("the same classifier trained on the 60,000 real"))
+    gap_line = next(l for l in lines if l.startswith("train-on-fake gap"))
+    fake, real = (float(l.rsplit(" ", 1)[1].rstrip("%")) for l in (fake_line, real_line))
+    assert real > 97 and fake < real  # 10 steps of training are no substitute for MNIST
+    assert float(gap_line.split()[-2]) == pytest.approx(fake - real, abs=0.02)
