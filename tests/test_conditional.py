@@ -153,10 +153,10 @@ def test_digit_with_an_unconditional_checkpoint_and_dataset_dir_that_is_a_file(s
 
 def test_train_on_fake_routine_measures_real_digits_like_the_judge(mnist):
     """Fed real labeled digits it gives a judge-like accuracy; fed wrong labels, chance."""
-    accuracy = dm.train_on_fake_accuracy(mnist.train_images[:6000], mnist.train_labels[:6000], mnist, CPU)
-    assert accuracy > 0.95  # 6,000 digits (a tenth of MNIST): 95.9%; all 60,000 give the judge, 99.1%
-    shuffled = mnist.train_labels[:2000][torch.randperm(2000, generator=torch.Generator().manual_seed(0))]
-    assert dm.train_on_fake_accuracy(mnist.train_images[:2000], shuffled, mnist, CPU) < 0.3
+    accuracy = dm.train_on_fake_accuracy(mnist.train_images[:4000], mnist.train_labels[:4000], mnist, CPU)
+    assert accuracy > 0.93  # 4,000 digits (a fifteenth of MNIST); all 60,000 give the judge itself, 99.1%
+    shuffled = mnist.train_labels[:1000][torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
+    assert dm.train_on_fake_accuracy(mnist.train_images[:1000], shuffled, mnist, CPU) < 0.3
 
 
 def test_label_accuracy_and_confidence_on_real_digits(judge, mnist):

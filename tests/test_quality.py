@@ -100,13 +100,14 @@ def test_smoke_runs_skip_evaluation_unless_asked(tmp_path, judge_cache):
 
 def test_evaluate_prints_the_table_for_a_smoke_run_checkpoint(smoke_run, judge_cache):
     out, _ = smoke_run
-    result = run_main("evaluate", "--n=1000", f"--data_dir={DATA_DIR}", f"--output_dir={out}",
+    result = run_main("evaluate", "--n=1000", "--n_train=0", f"--data_dir={DATA_DIR}", f"--output_dir={out}",
                       f"--cache_dir={judge_cache}")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert "FID" in lines[0] and "score" in lines[0]
+    assert lines[0].split()[-6:] == ["FID", "score", "rarest", "digit", "commonest", "confidence"]
     model_row = next(l for l in lines if "G_model.ckpt" in l)
     real_row = next(l for l in lines if l.startswith("real"))
-    fid_model, fid_real = float(model_row.split()[-4]), float(real_row.split()[-4])
+    fid_model, fid_real = float(model_row.split()[-5]), float(real_row.split()[-5])  # FID score rare common conf
+    assert not [l for l in lines if "train-on-fake" in l]  # --n_train=0: no classifier trained
     assert fid_model > 10 * fid_real  # 6 steps of training are far from real digits
     assert 1 < fid_real < 10  # the floor: real training digits against the test digits
