@@ -176,7 +176,7 @@ def test_resume_applies_and_prints_changed_settings_and_keeps_the_saved_ones(tmp
 
 def test_a_second_run_into_the_same_folder_exits_2_while_the_first_finishes(tmp_path, smoke_out):
     out = str(tmp_path / "shared")
-    first = start_script(*SMALL, f"--output_dir={out}")
+    first = start_script(*SMALL, "--epochs=2", f"--output_dir={out}")
     lock = os.path.join(out, "train.lock")
     wait_for(lambda: (os.path.exists(lock) and open(lock).read() == str(first.pid)) or first.poll() is not None,
              timeout=120, what="the first run's lock")
@@ -186,8 +186,8 @@ def test_a_second_run_into_the_same_folder_exits_2_while_the_first_finishes(tmp_
     assert run_main("sample", f"--ckpt={smoke_out}/G_model.ckpt", f"--output_dir={out}").returncode == 0
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-3000:]
-    assert "Epoch [3/3]" in stdout and not os.path.exists(lock)
-    assert torch.load(os.path.join(out, "last.ckpt"), weights_only=True)["state"]["epoch"] == 4
+    assert "Epoch [2/2]" in stdout and not os.path.exists(lock)
+    assert torch.load(os.path.join(out, "last.ckpt"), weights_only=True)["state"]["epoch"] == 3
 
 
 def _data_copy(tmp_path, name, data):
