@@ -1032,7 +1032,7 @@ def evaluate(cfg, opts):
           f" {'confidence':>11}" + (f" {'labels':>8}" if G.n_classes else ""))
     for name, m in rows:
         print(f"{name:<44} {m['fid']:8.2f} {m['score']:6.2f} {m['min_share']:13.1%} {m['max_share']:10.1%}"
-              f" {m['confidence']:11.2%}" + (f" {m['label_accuracy']:8.2%}" if G.n_classes and name[0] != "r" else ""))
+              f" {m['confidence']:11.2%}" + (f" {m['label_accuracy']:8.2%}" if not math.isnan(m["label_accuracy"]) else ""))
     if opts["n_train"]:
         images, labels = labeled_fakes(G, opts["n_train"], cfg["noise_dim"], device,
                                        cfg["seed"] + SEED_OFFSET_DATASET, cfg["dataset_noise"], judge)
