@@ -60,6 +60,7 @@ LR_G = 8e-4             # generator Adam learning rate
 BETAS = (0.5, 0.999)    # Adam betas for both; beta1=0.5 (DCGAN paper) keeps the two players from oscillating
 REAL_LABEL = 1.0        # target for real images in D's loss; 0.9 is "one-sided label smoothing"
 EMA_DECAY = 0.999       # we sample from a moving average of G's weights (0 = plain G)
+MODE_SEEKING = 1.0      # conditional GAN only: reward G for drawing two different digits y from two noises (0 = off)
 # how long
 EPOCHS = 30             # passes over the data (one epoch = all 70,000 images)
 EARLY_STOPPING = 5      # stop after this many epochs without improvement of SELECT_BY
@@ -286,18 +287,20 @@ def build_models(cfg, device):
 
 # -----------------------------------------------------------------------------
 # 5. Training steps. The GAN game: D learns to tell real digits from G's fakes, G learns to fool D.
-def D_train(real, G, D, D_optimizer, noise_dim, real_label=1.0, amp=False, labels=None):
+def D_train(real, G, D, D_optimizer, noise_dim, real_label=1.0, amp=False, labels=None, fake_labels=None):
     """One discriminator step: maximize log D(x) + log(1 - D(G(z))) on a real batch x and a fresh fake
     batch G(z), i.e. minimize binary cross-entropy with targets 1 (real) and 0 (fake).
     The fake is detached for D's loss: this step must update D only, and back-propagating into G here
     would be wasted work. Returns (loss, fake, D(x), D(G(z))): the fake still carries G's graph, so
     G_train reuses it instead of running G twice; D(x) and D(G(z)) are D's mean probabilities of "real".
-    Conditional GAN: `labels` are the real batch's digits; G draws the same digits, D judges (image, label)."""
+    Conditional GAN: `labels` are the real batch's digits, D judges (image, label) pairs; G draws
+    `fake_labels` (default: the same digits; see pair_labels)."""
+    fake_labels = labels if fake_labels is None else fake_labels
     z = torch.randn(real.shape[0], noise_dim, 1, 1, device=real.device)
     with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=amp):
-        fake = G(z, labels)
+        fake = G(z, fake_labels)
         out_real = D(real, labels)
-        out_fake = D(fake.detach(), labels)  # detach: D's loss must not backpropagate into G
+        out_fake = D(fake.detach(), fake_labels)  # detach: D's loss must not backpropagate into G
         loss = (F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, real_label))
                 + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake)))
     D_optimizer.zero_grad(set_to_none=True)
@@ -307,19 +310,34 @@ def D_train(real, G, D, D_optimizer, noise_dim, real_label=1.0, amp=False, label
     return loss.detach(), fake, d_x, d_g_z
 
 
-def G_train(fake, D, G_optimizer, amp=False, labels=None):
+def G_train(fake, D, G_optimizer, amp=False, labels=None, mode_seeking=0.0):
     """One generator step: maximize log D(G(z)), i.e. BCE with target 1 ("real") on the fake batch.
     This is the non-saturating loss of the GAN paper: minimizing log(1 - D(G(z))) instead would give G
-    almost no gradient early on, when D rejects its fakes easily. Returns the loss."""
+    almost no gradient early on, when D rejects its fakes easily. Returns that loss.
+    mode_seeking > 0 (conditional GAN, fakes drawn in pairs by pair_labels): also maximize how far apart
+    the two digits of each pair are (Mao et al. 2019, "Mode seeking GANs"). A conditional G tends to
+    ignore z, because the label already tells it what to draw; then every 7 looks alike."""
     D.requires_grad_(False)  # gradients flow through D to G, but D's own weight gradients are not needed
     with torch.autocast(fake.device.type, dtype=torch.bfloat16, enabled=amp):
         out = D(fake, labels)
         loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+    total = loss
+    if mode_seeking:  # pairs: fake i and fake n - n//2 + i show the same digit from two noise vectors
+        n, half = len(fake), len(fake) // 2
+        distance = (fake[:half] - fake[n - half:]).float().abs().mean()  # mean pixel difference, 0 to 2
+        total = loss + mode_seeking / (distance + 1e-5)  # large when the pairs look alike
     G_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total.backward()
     G_optimizer.step()
     D.requires_grad_(True)
     return loss.detach()
+
+
+def pair_labels(labels):
+    """The digits G draws for the mode-seeking term: the first half of the batch's labels, then again
+    (fakes i and n - n//2 + i share a digit). Each half still follows the data's digit frequencies."""
+    n = len(labels)
+    return torch.cat([labels[:n - n // 2], labels[:n // 2]])
 
 
 @torch.no_grad()
@@ -399,15 +417,17 @@ def train_one_epoch(data, gan, state, cfg, amp, n_batches):
         idx = perm[i * bs:(i + 1) * bs]
         real = to_float(data.images[idx])
         labels = data.labels[idx] if cfg["conditional"] else None  # the digits, for a conditional GAN
+        mode_seeking = cfg["mode_seeking"] if cfg["conditional"] else 0.0
+        fake_labels = pair_labels(labels) if mode_seeking else labels  # what G draws
         ############################
         # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
         ############################
         d_loss, fake, d_x, d_g_z = D_train(real, gan.G, gan.D, gan.D_optimizer, cfg["noise_dim"],
-                                           cfg["real_label"], amp, labels)
+                                           cfg["real_label"], amp, labels, fake_labels)
         ############################
-        # (2) Update G network: maximize log(D(G(z)))
+        # (2) Update G network: maximize log(D(G(z))) (+ the mode-seeking term, conditional GAN)
         ############################
-        g_loss = G_train(fake, gan.D, gan.G_optimizer, amp, labels)
+        g_loss = G_train(fake, gan.D, gan.G_optimizer, amp, fake_labels, mode_seeking)
         ############################
         # (3) moving average of G: the generator we evaluate, sample and save
         ############################
@@ -1122,6 +1142,7 @@ def validate(cfg):
         ("betas", all(0 <= b < 1 for b in cfg["betas"]), "must be two numbers in [0, 1)"),
         ("real_label", 0 < cfg["real_label"] <= 1, "must be in (0, 1]"),
         ("ema_decay", 0 <= cfg["ema_decay"] < 1, "must be in [0, 1)"),
+        ("mode_seeking", 0 <= cfg["mode_seeking"] < math.inf, "must be 0 (off) or a positive number"),
         ("epochs", cfg["epochs"] >= 1, "must be at least 1"),
         ("early_stopping", cfg["early_stopping"] >= 1, "must be at least 1"),
         ("max_minutes", cfg["max_minutes"] >= 0, "must be 0 (no limit) or more"),
