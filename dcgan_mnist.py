@@ -322,7 +322,7 @@ def G_train(fake, D, G_optimizer, amp=False, labels=None, mode_seeking=0.0):
         out = D(fake, labels)
         loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
     total = loss
-    if mode_seeking:  # pairs: fake i and fake n - n//2 + i show the same digit from two noise vectors
+    if mode_seeking and len(fake) > 1:  # pairs: fake i and n - n//2 + i show one digit from two noises
         n, half = len(fake), len(fake) // 2
         distance = (fake[:half] - fake[n - half:]).float().abs().mean()  # mean pixel difference, 0 to 2
         total = loss + mode_seeking / (distance + 1e-5)  # large when the pairs look alike
@@ -411,13 +411,13 @@ def train_one_epoch(data, gan, state, cfg, amp, n_batches):
         state.perm = torch.randperm(len(data.images))
     perm = state.perm.to(device)
     sums = torch.tensor(state.sums, device=device)  # summed on the device: see the sync note below
+    mode_seeking = cfg["mode_seeking"] if cfg["conditional"] else 0.0  # a conditional GAN's term
     bar = tqdm(range(state.next_batch, n_batches), desc=f"epoch {state.epoch}", initial=state.next_batch,
                total=n_batches, leave=False)
     for i in bar:
         idx = perm[i * bs:(i + 1) * bs]
         real = to_float(data.images[idx])
         labels = data.labels[idx] if cfg["conditional"] else None  # the digits, for a conditional GAN
-        mode_seeking = cfg["mode_seeking"] if cfg["conditional"] else 0.0
         fake_labels = pair_labels(labels) if mode_seeking else labels  # what G draws
         ############################
         # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
