@@ -962,7 +962,8 @@ def save_interpolation(G, noise_dim, device, seed, path, rows=10, steps=10):
     y = None
     if G.n_classes:
         one_hot = torch.eye(G.n_classes)
-        y = torch.stack([(1 - t) * one_hot[r % 10] + t * one_hot[(r + 1) % 10] for r in range(rows) for t in ts])
+        k = G.n_classes
+        y = torch.stack([(1 - t) * one_hot[r % k] + t * one_hot[(r + 1) % k] for r in range(rows) for t in ts])
     with torch.no_grad():
         images = G(z.to(device), y.to(device) if y is not None else None)
     save_grid(images, path, nrow=steps)
@@ -982,7 +983,8 @@ def sample(cfg, opts):
     if digit is not None:
         grid, nrow = generate(G, 64, nd, device, cfg["seed"] + SEED_OFFSET_GRID, torch.full((64,), digit)), 8
     elif G.n_classes:
-        grid, nrow = generate(G, 100, nd, device, cfg["seed"] + SEED_OFFSET_GRID, torch.arange(100) // 10), 10
+        k = G.n_classes  # row r = digit r
+        grid, nrow = generate(G, k * k, nd, device, cfg["seed"] + SEED_OFFSET_GRID, torch.arange(k * k) // k), k
     else:
         grid, nrow = generate(G, 64, nd, device, cfg["seed"] + SEED_OFFSET_GRID), 8
     grid_path = os.path.join(cfg["output_dir"], "fake_grid.png")
