@@ -1039,6 +1039,27 @@ def train_on_fake_accuracy(images, labels, mnist, device):
     return judge_accuracy(classifier, mnist.test_images, mnist.test_labels, device)
 
 
+@torch.no_grad()
+def misread_by_digit(classifier, mnist, device):
+    """How many of the real test digits of each kind (0-9) the classifier reads wrong: where a fake
+    training set falls short (e.g. a style of 7 that G never draws)."""
+    read = torch.cat([classifier(to_float(x.to(device))).argmax(1).cpu() for x in mnist.test_images.split(1000)])
+    return torch.bincount(mnist.test_labels[read != mnist.test_labels], minlength=N_CLASSES).tolist()
+
+
+def fid_by_digit(feats, labels, ref_feats, ref_labels):
+    """The FID of each digit's images against the real test images of that digit (judge features).
+    One overall FID can hide a digit that comes out too uniform; this shows which one."""
+    return [frechet_distance(*feature_stats(feats[labels == d]), *feature_stats(ref_feats[ref_labels == d]))
+            for d in range(N_CLASSES)]
+
+
+def print_by_digit(title, rows, fmt):
+    print(f"{title:<44} " + " ".join(f"{d:>6}" for d in range(N_CLASSES)))
+    for name, values in rows:
+        print(f"{name:<44} " + " ".join(f"{v:{fmt}}" for v in values))
+
+
 def evaluate(cfg, opts):
     device = pick_device(cfg["device"])
     G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
@@ -1048,23 +1069,39 @@ def evaluate(cfg, opts):
     n = opts["n"]
     asked = balanced_labels(n) if G.n_classes else None
     fakes = generate(G, n, cfg["noise_dim"], device, seed=cfg["seed"] + SEED_OFFSET_EVAL, labels=asked)
-    rows = [(f"{opts['ckpt']} ({n} samples)", quality(*judge_outputs(judge, fakes, device), ref_stats, asked)),
+    feats, probs = judge_outputs(judge, fakes, device)
+    rows = [(f"{opts['ckpt']} ({n} samples)", quality(feats, probs, ref_stats, asked)),
             ("real: 10,000 training images", floor)]
     print(f"{'images vs the 10,000 test digits':<44} {'FID':>8} {'score':>6} {'rarest digit':>13} {'commonest':>10}"
           f" {'confidence':>11}" + (f" {'labels':>8}" if G.n_classes else ""))
     for name, m in rows:
         print(f"{name:<44} {m['fid']:8.2f} {m['score']:6.2f} {m['min_share']:13.1%} {m['max_share']:10.1%}"
               f" {m['confidence']:11.2%}" + (f" {m['label_accuracy']:8.2%}" if not math.isnan(m["label_accuracy"]) else ""))
+    if G.n_classes:  # variety within each digit: the fakes asked for d against the real test d's
+        test_feats = judge_outputs(judge, to_float(mnist.test_images), device)[0]
+        real_feats = judge_outputs(judge, to_float(mnist.train_images[:10000]), device)[0]
+        print_by_digit("FID per digit (vs that digit's test images)", [
+            ("generated", fid_by_digit(feats, asked.numpy(), test_feats, mnist.test_labels.numpy())),
+            ("real: 10,000 training images", fid_by_digit(real_feats, mnist.train_labels[:10000].numpy(),
+                                                          test_feats, mnist.test_labels.numpy()))], "6.1f")
     if opts["n_train"]:
-        images, labels = labeled_fakes(G, opts["n_train"], cfg["noise_dim"], device,
-                                       cfg["seed"] + SEED_OFFSET_DATASET, cfg["dataset_noise"], judge)
-        fake_acc = train_on_fake_accuracy(images, labels, mnist, device)
-        real_acc = judge_accuracy(judge, mnist.test_images, mnist.test_labels, device)
-        source = "asked-for" if G.n_classes else "judge"
-        print(f"train on {opts['n_train']:,} generated digits ({source} labels, noise std {cfg['dataset_noise']:g}), "
-              f"test on the 10,000 real test "
-              f"digits: {fake_acc:.2%}\nthe same classifier trained on the 60,000 real training digits: "
-              f"{real_acc:.2%}\ntrain-on-fake gap: {100 * (fake_acc - real_acc):+.2f} points")
+        report_train_on_fake(G, cfg, opts["n_train"], mnist, judge, device)
+
+
+def report_train_on_fake(G, cfg, n_train, mnist, judge, device):
+    images, labels = labeled_fakes(G, n_train, cfg["noise_dim"], device,
+                                   cfg["seed"] + SEED_OFFSET_DATASET, cfg["dataset_noise"], judge)
+    classifier = train_judge(images, labels, device)  # = train_on_fake_accuracy, keeping the classifier
+    fake_misread, real_misread = (misread_by_digit(c, mnist, device) for c in (classifier, judge))
+    fake_acc, real_acc = (1 - sum(m) / len(mnist.test_labels) for m in (fake_misread, real_misread))
+    source = "asked-for" if G.n_classes else "judge"
+    print(f"train on {n_train:,} generated digits ({source} labels, noise std {cfg['dataset_noise']:g}), "
+          f"test on the 10,000 real test "
+          f"digits: {fake_acc:.2%}\nthe same classifier trained on the 60,000 real training digits: "
+          f"{real_acc:.2%}\ntrain-on-fake gap: {100 * (fake_acc - real_acc):+.2f} points")
+    print_by_digit("real test digits read wrong, per digit", [
+        ("classifier trained on generated digits", fake_misread),
+        ("classifier trained on real digits (judge)", real_misread)], "6d")
 
 
 # -----------------------------------------------------------------------------

@@ -200,6 +200,33 @@ def test_label_accuracy_and_confidence_on_real_digits(judge, mnist):
     assert 0.9 < right["confidence"] < 1
 
 
+def test_fid_by_digit_finds_the_digit_that_is_missing_its_variety(judge, mnist):
+    """Real training digits score low on every digit; replacing the 7s by copies of one 7 (no variety)
+    makes digit 7, and only digit 7, stand out."""
+    test_feats = dm.judge_outputs(judge, dm.to_float(mnist.test_images), CPU)[0]
+    images, labels = mnist.train_images[:5000].clone(), mnist.train_labels[:5000]
+    fids = dm.fid_by_digit(dm.judge_outputs(judge, dm.to_float(images), CPU)[0], labels.numpy(),
+                           test_feats, mnist.test_labels.numpy())
+    sevens = (labels == 7).nonzero().flatten()
+    images[sevens] = images[sevens[:3]].repeat(len(sevens) // 3 + 1, 1, 1)[:len(sevens)]  # three 7s only
+    uniform = dm.fid_by_digit(dm.judge_outputs(judge, dm.to_float(images), CPU)[0], labels.numpy(),
+                              test_feats, mnist.test_labels.numpy())
+    assert uniform[7] > 3 * max(fids)
+    assert uniform[:7] + uniform[8:] == pytest.approx(fids[:7] + fids[8:])
+
+
+def test_misread_by_digit_names_the_digit_a_training_set_lacks(judge, mnist):
+    """The judge misreads a few of each digit, adding up to its accuracy; a classifier that never saw a
+    7 misreads every 7 of the test set."""
+    misread = dm.misread_by_digit(judge, mnist, CPU)
+    assert sum(misread) == round((1 - dm.judge_accuracy(judge, mnist.test_images, mnist.test_labels, CPU)) * 10000)
+    keep = mnist.train_labels[:3000] != 7
+    no_sevens = dm.train_judge(mnist.train_images[:3000][keep], mnist.train_labels[:3000][keep], CPU)
+    misread = dm.misread_by_digit(no_sevens, mnist, CPU)
+    assert misread[7] == int((mnist.test_labels == 7).sum())
+    assert max(misread[:7] + misread[8:]) < 200
+
+
 def test_evaluate_reports_label_accuracy_and_train_on_fake(conditional_run, judge_cache, tmp_path):
     result = run_main("evaluate", "--n=500", "--n_train=500", f"--ckpt={conditional_run}/G_model.ckpt",
                       f"--data_dir={DATA_DIR}", f"--cache_dir={judge_cache}", f"--output_dir={tmp_path / 'o'}")
@@ -212,3 +239,9 @@ def test_evaluate_reports_label_accuracy_and_train_on_fake(conditional_run, judg
     fake, real = (float(l.rsplit(" ", 1)[1].rstrip("%")) for l in (fake_line, real_line))
     assert real > 97 and fake < real  # 10 steps of training are no substitute for MNIST
     assert float(gap_line.split()[-2]) == pytest.approx(fake - real, abs=0.02)
+    per_digit = {l[:44].strip(): l[44:].split() for l in lines}
+    assert len(per_digit["FID per digit (vs that digit's test images)"]) == 10
+    assert all(float(v) > 0 for v in per_digit["generated"] + per_digit["real: 10,000 training images"])
+    misread = [int(v) for v in per_digit["classifier trained on generated digits"]]
+    assert sum(misread) == pytest.approx(100 * (100 - fake), abs=1)  # the per-digit counts add up to the accuracy
+    assert sum(int(v) for v in per_digit["classifier trained on real digits (judge)"]) == pytest.approx(100 * (100 - real), abs=1)
