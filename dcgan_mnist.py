@@ -1089,6 +1089,8 @@ def evaluate(cfg, opts):
 
 
 def report_train_on_fake(G, cfg, n_train, mnist, judge, device):
+    """Train on n_train generated digits (drawn and labeled as `dataset` does), test on the real test
+    digits, beside the judge (the same classifier trained on real digits); then which digits each misreads."""
     images, labels = labeled_fakes(G, n_train, cfg["noise_dim"], device,
                                    cfg["seed"] + SEED_OFFSET_DATASET, cfg["dataset_noise"], judge)
     classifier = train_judge(images, labels, device)  # = train_on_fake_accuracy, keeping the classifier

@@ -215,16 +215,15 @@ def test_fid_by_digit_finds_the_digit_that_is_missing_its_variety(judge, mnist):
     assert uniform[:7] + uniform[8:] == pytest.approx(fids[:7] + fids[8:])
 
 
-def test_misread_by_digit_names_the_digit_a_training_set_lacks(judge, mnist):
-    """The judge misreads a few of each digit, adding up to its accuracy; a classifier that never saw a
-    7 misreads every 7 of the test set."""
-    misread = dm.misread_by_digit(judge, mnist, CPU)
-    assert sum(misread) == round((1 - dm.judge_accuracy(judge, mnist.test_images, mnist.test_labels, CPU)) * 10000)
-    keep = mnist.train_labels[:3000] != 7
-    no_sevens = dm.train_judge(mnist.train_images[:3000][keep], mnist.train_labels[:3000][keep], CPU)
+def test_misread_by_digit_names_the_digit_a_training_set_lacks(mnist):
+    """A classifier that never saw a 7 misreads every 7 of the real test set, and far fewer of the
+    others. (That the counts add up to the accuracy: test_evaluate_reports_label_accuracy_and_train_on_fake.)"""
+    keep = mnist.train_labels[:6000] != 7
+    no_sevens = dm.train_judge(mnist.train_images[:6000][keep], mnist.train_labels[:6000][keep], CPU, epochs=1)
     misread = dm.misread_by_digit(no_sevens, mnist, CPU)
-    assert misread[7] == int((mnist.test_labels == 7).sum())
-    assert max(misread[:7] + misread[8:]) < 200
+    counts = torch.bincount(mnist.test_labels, minlength=10).tolist()
+    assert misread[7] == counts[7]
+    assert all(misread[d] < counts[d] / 2 for d in range(10) if d != 7)
 
 
 def test_evaluate_reports_label_accuracy_and_train_on_fake(conditional_run, judge_cache, tmp_path):
