@@ -732,12 +732,19 @@ def quality(feats, probs, ref_stats, asked=None):
             "confidence": float(probs.max(1).mean()), "label_accuracy": label_accuracy}
 
 
-def reference_stats(judge, mnist, device):
+def real_outputs(judge, mnist, device):
+    """judge_outputs of the 10,000 test digits and of the first 10,000 training digits."""
+    return (judge_outputs(judge, to_float(mnist.test_images), device),
+            judge_outputs(judge, to_float(mnist.train_images[:10000]), device))
+
+
+def reference_stats(judge, mnist, device, real=None):
     """What FID compares with: the judge's feature statistics of the 10,000 test digits. And the floor:
-    the quality() of 10,000 real training digits against them (what a perfect generator would reach)."""
-    ref_stats = feature_stats(judge_outputs(judge, to_float(mnist.test_images), device)[0])
-    floor = quality(*judge_outputs(judge, to_float(mnist.train_images[:10000]), device), ref_stats)
-    return ref_stats, floor
+    the quality() of 10,000 real training digits against them (what a perfect generator would reach).
+    `real`: real_outputs() if the caller has them already."""
+    (test_feats, _), train_outputs = real or real_outputs(judge, mnist, device)
+    ref_stats = feature_stats(test_feats)
+    return ref_stats, quality(*train_outputs, ref_stats)
 
 
 def generate(G, n, noise_dim, device, seed, labels=None, noise=None, noise_std=1.0, batch=1000):
@@ -1065,7 +1072,8 @@ def evaluate(cfg, opts):
     G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
     mnist = load_mnist(cfg["data_dir"])
     judge = get_judge(cfg["cache_dir"], mnist, device)
-    ref_stats, floor = reference_stats(judge, mnist, device)
+    real = real_outputs(judge, mnist, device)
+    ref_stats, floor = reference_stats(judge, mnist, device, real)
     n = opts["n"]
     asked = balanced_labels(n) if G.n_classes else None
     fakes = generate(G, n, cfg["noise_dim"], device, seed=cfg["seed"] + SEED_OFFSET_EVAL, labels=asked)
@@ -1078,8 +1086,7 @@ def evaluate(cfg, opts):
         print(f"{name:<44} {m['fid']:8.2f} {m['score']:6.2f} {m['min_share']:13.1%} {m['max_share']:10.1%}"
               f" {m['confidence']:11.2%}" + (f" {m['label_accuracy']:8.2%}" if not math.isnan(m["label_accuracy"]) else ""))
     if G.n_classes:  # variety within each digit: the fakes asked for d against the real test d's
-        test_feats = judge_outputs(judge, to_float(mnist.test_images), device)[0]
-        real_feats = judge_outputs(judge, to_float(mnist.train_images[:10000]), device)[0]
+        (test_feats, _), (real_feats, _) = real
         print_by_digit("FID per digit (vs that digit's test images)", [
             ("generated", fid_by_digit(feats, asked.numpy(), test_feats, mnist.test_labels.numpy())),
             ("real: 10,000 training images", fid_by_digit(real_feats, mnist.train_labels[:10000].numpy(),
