@@ -667,10 +667,15 @@ def train_judge(train_x, train_y, device, epochs=3, seed=0):
 
 
 @torch.no_grad()
+def misread_by_digit(classifier, images, labels, device):
+    """How many of the labeled digits of each kind (0-9) the classifier reads wrong. On the real test
+    digits this shows where a fake training set falls short (e.g. a style of 7 that G never draws)."""
+    read = torch.cat([classifier(to_float(x.to(device))).argmax(1).cpu() for x in images.split(1000)])
+    return torch.bincount(labels[read != labels], minlength=N_CLASSES).tolist()
+
+
 def judge_accuracy(judge, images, labels, device):
-    hits = sum((judge(to_float(x.to(device))).argmax(1).cpu() == y).sum().item()
-               for x, y in zip(images.split(1000), labels.split(1000)))
-    return hits / len(images)
+    return 1 - sum(misread_by_digit(judge, images, labels, device)) / len(images)
 
 
 def get_judge(cache_dir, mnist, device):
@@ -1046,14 +1051,6 @@ def train_on_fake_accuracy(images, labels, mnist, device):
     return judge_accuracy(classifier, mnist.test_images, mnist.test_labels, device)
 
 
-@torch.no_grad()
-def misread_by_digit(classifier, mnist, device):
-    """How many of the real test digits of each kind (0-9) the classifier reads wrong: where a fake
-    training set falls short (e.g. a style of 7 that G never draws)."""
-    read = torch.cat([classifier(to_float(x.to(device))).argmax(1).cpu() for x in mnist.test_images.split(1000)])
-    return torch.bincount(mnist.test_labels[read != mnist.test_labels], minlength=N_CLASSES).tolist()
-
-
 def fid_by_digit(feats, labels, ref_feats, ref_labels):
     """The FID of each digit's images against the real test images of that digit (judge features).
     One overall FID can hide a digit that comes out too uniform; this shows which one."""
@@ -1101,7 +1098,8 @@ def report_train_on_fake(G, cfg, n_train, mnist, judge, device):
     images, labels = labeled_fakes(G, n_train, cfg["noise_dim"], device,
                                    cfg["seed"] + SEED_OFFSET_DATASET, cfg["dataset_noise"], judge)
     classifier = train_judge(images, labels, device)  # = train_on_fake_accuracy, keeping the classifier
-    fake_misread, real_misread = (misread_by_digit(c, mnist, device) for c in (classifier, judge))
+    fake_misread, real_misread = (misread_by_digit(c, mnist.test_images, mnist.test_labels, device)
+                                  for c in (classifier, judge))
     fake_acc, real_acc = (1 - sum(m) / len(mnist.test_labels) for m in (fake_misread, real_misread))
     source = "asked-for" if G.n_classes else "judge"
     print(f"train on {n_train:,} generated digits ({source} labels, noise std {cfg['dataset_noise']:g}), "

@@ -220,7 +220,7 @@ def test_misread_by_digit_names_the_digit_a_training_set_lacks(mnist):
     others. (That the counts add up to the accuracy: test_evaluate_reports_label_accuracy_and_train_on_fake.)"""
     keep = mnist.train_labels[:6000] != 7
     no_sevens = dm.train_judge(mnist.train_images[:6000][keep], mnist.train_labels[:6000][keep], CPU, epochs=1)
-    misread = dm.misread_by_digit(no_sevens, mnist, CPU)
+    misread = dm.misread_by_digit(no_sevens, mnist.test_images, mnist.test_labels, CPU)
     counts = torch.bincount(mnist.test_labels, minlength=10).tolist()
     assert misread[7] == counts[7]
     assert all(misread[d] < counts[d] / 2 for d in range(10) if d != 7)
