@@ -75,6 +75,7 @@ SAMPLE_EVERY = 1        # save an 8x8 grid of the fixed noise every N epochs (an
 CACHE_DIR = "~/.cache/dcgan_mnist"  # the judge classifier used for FID, trained once and reused
 # fake dataset
 DATASET_NOISE = 1.5     # noise std for `dataset` and train-on-fake (training uses 1): wider noise draws rarer digits
+DATASET_FILTER = True   # conditional G: `dataset` draws 3x and keeps the digits the judge reads as asked (False: all)
 # system
 SEED = 0                # seeds python, numpy and torch: the same seed gives the same run on CPU
 DEVICE = "auto"         # "auto" picks cuda, then mps, then cpu; or "cpu", "cuda", "cuda:1", "mps"
@@ -1014,33 +1015,62 @@ def sample(cfg, opts):
         print(f"Wrote {n} PNGs (28x28 grayscale) to {opts['png_dir']}/{layout}")
 
 
-def labeled_fakes(G, n, noise_dim, device, seed, noise_std, judge=None):
+def labeled_fakes(G, n, noise_dim, device, seed, noise_std, judge=None, filtered=False):
     """n generated digits (uint8) and their labels: the digits a conditional G was asked for (balanced,
     in shuffled order), or, for an unconditional G, the judge's reading of each (only as good as the judge).
     noise_std > 1 (DATASET_NOISE) reaches the rarer digits at the edges of G's range: a classifier
-    trained on the set then meets fewer surprises among real digits."""
-    if G.n_classes:
-        labels = balanced_labels(n)[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
-        return to_uint8(generate(G, n, noise_dim, device, seed, labels, noise_std=noise_std)), labels
-    images = generate(G, n, noise_dim, device, seed, noise_std=noise_std)
-    return to_uint8(images), torch.from_numpy(judge_outputs(judge, images, device)[1].argmax(1))
+    trained on the set then meets fewer surprises among real digits. filtered (DATASET_FILTER): a
+    conditional G draws 3n digits and keeps n (n/10 of each), those the judge reads as the digit asked for
+    (judge_filter): wide noise also draws digits that no longer look like their label, which teach a
+    classifier wrong; the set is then only as good as the judge, like an unconditional G's."""
+    if not G.n_classes:
+        images = generate(G, n, noise_dim, device, seed, noise_std=noise_std)
+        return to_uint8(images), torch.from_numpy(judge_outputs(judge, images, device)[1].argmax(1))
+    draws = 3 * n if filtered else n
+    asked = balanced_labels(draws)[torch.randperm(draws, generator=torch.Generator().manual_seed(seed))]
+    images = generate(G, draws, noise_dim, device, seed, asked, noise_std=noise_std)
+    if filtered:
+        keep = judge_filter(judge_outputs(judge, images, device)[1], asked, n, seed)
+        images, asked = images[keep], asked[keep]
+    return to_uint8(images), asked
+
+
+def judge_filter(probs, asked, n, seed):
+    """Indices of n of the drawn digits, each digit n/10 times (+-1): first those the judge reads as the
+    digit asked for, at random among them (keeping G's variety, not only its clearest digits); only if
+    too few of a digit pass, the ones the judge finds likeliest to be it (a weak G still gives n)."""
+    p_asked = torch.from_numpy(probs)[torch.arange(len(asked)), asked]
+    passed = torch.from_numpy(probs.argmax(1)) == asked
+    order = torch.rand(len(asked), generator=torch.Generator().manual_seed(seed))
+    rank = torch.where(passed, 1 + order, p_asked)  # passed digits (>= 1) before the others (< 1)
+    wanted = torch.bincount(balanced_labels(n), minlength=N_CLASSES)
+    keep = [torch.nonzero(asked == d).flatten()[rank[asked == d].argsort(descending=True)[:wanted[d]]]
+            for d in range(N_CLASSES)]
+    return torch.cat(keep)[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
 
 
 def write_dataset(cfg, opts):
     """A fake MNIST in MNIST's own files: DIR/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte."""
     device = pick_device(cfg["device"])
     G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
-    judge = None if G.n_classes else get_judge(cfg["cache_dir"], load_mnist(cfg["data_dir"]), device)
+    needs_judge = not G.n_classes or cfg["dataset_filter"]  # for the labels, or for the filter
+    judge = get_judge(cfg["cache_dir"], load_mnist(cfg["data_dir"]), device) if needs_judge else None
     raw = os.path.join(opts["dataset_dir"], "MNIST", "raw")
     os.makedirs(raw, exist_ok=True)
     for split, n, offset in (("train", opts["n"], 0), ("t10k", opts["n_test"], 1)):
         images, labels = labeled_fakes(G, n, cfg["noise_dim"], device, cfg["seed"] + SEED_OFFSET_DATASET + offset,
-                                       cfg["dataset_noise"], judge)
+                                       cfg["dataset_noise"], judge, cfg["dataset_filter"])
         atomic_write(os.path.join(raw, f"{split}-images-idx3-ubyte"), lambda f: f.write(idx_bytes(images.numpy(), 2051)))
         atomic_write(os.path.join(raw, f"{split}-labels-idx1-ubyte"), lambda f: f.write(idx_bytes(labels.numpy(), 2049)))
-    source = "the digits G was asked for" if G.n_classes else "the judge's reading of each digit"
-    print(f"Wrote {opts['n']} training and {opts['n_test']} test digits to {raw}/ (labels: {source}). "
+    print(f"Wrote {opts['n']} training and {opts['n_test']} test digits to {raw}/ ({dataset_source(G, cfg)}). "
           f"Load with torchvision.datasets.MNIST({opts['dataset_dir']!r}) or --data_dir={opts['dataset_dir']}")
+
+
+def dataset_source(G, cfg):
+    """Where a set's labels come from, in words."""
+    if not G.n_classes:
+        return "labels: the judge's reading of each digit"
+    return "labels: the digits G was asked for" + (", kept where the judge reads them" if cfg["dataset_filter"] else "")
 
 
 def train_on_fake_accuracy(images, labels, mnist, device):
@@ -1096,13 +1126,13 @@ def report_train_on_fake(G, cfg, n_train, mnist, judge, device):
     """Train on n_train generated digits (drawn and labeled as `dataset` does), test on the real test
     digits, beside the judge (the same classifier trained on real digits); then which digits each misreads."""
     images, labels = labeled_fakes(G, n_train, cfg["noise_dim"], device,
-                                   cfg["seed"] + SEED_OFFSET_DATASET, cfg["dataset_noise"], judge)
+                                   cfg["seed"] + SEED_OFFSET_DATASET, cfg["dataset_noise"], judge,
+                                   cfg["dataset_filter"])
     classifier = train_judge(images, labels, device)  # = train_on_fake_accuracy, keeping the classifier
     fake_misread, real_misread = (misread_by_digit(c, mnist.test_images, mnist.test_labels, device)
                                   for c in (classifier, judge))
     fake_acc, real_acc = (1 - sum(m) / len(mnist.test_labels) for m in (fake_misread, real_misread))
-    source = "asked-for" if G.n_classes else "judge"
-    print(f"train on {n_train:,} generated digits ({source} labels, noise std {cfg['dataset_noise']:g}), "
+    print(f"train on {n_train:,} generated digits ({dataset_source(G, cfg)}, noise std {cfg['dataset_noise']:g}), "
           f"test on the 10,000 real test "
           f"digits: {fake_acc:.2%}\nthe same classifier trained on the 60,000 real training digits: "
           f"{real_acc:.2%}\ntrain-on-fake gap: {100 * (fake_acc - real_acc):+.2f} points")

@@ -2,11 +2,13 @@
 Which noise std should `dataset` draw with? Train-on-fake accuracy of one generator at several stds.
 
     python benchmarks/dataset_noise.py --ckpt=outputs/G_model.ckpt --data_dir=../shared/data [--stds=1,1.5,2,2.5]
+        [--filter=False] [--draws=2]
 
 For each std: 60,000 labeled digits drawn the way `dataset` draws them (dcgan_mnist.labeled_fakes: the
-asked-for digits of a conditional G, the judge's reading for an unconditional one), a classifier of the
-judge's architecture trained on them the judge's way, and its accuracy on the 10,000 real test digits
-(dcgan_mnist.train_on_fake_accuracy). Also the judge's label accuracy on the set (conditional G).
+asked-for digits of a conditional G, kept where the judge reads them unless --filter=False, the judge's
+reading for an unconditional one), a classifier of the judge's architecture trained on them the judge's
+way, and its accuracy on the 10,000 real test digits (dcgan_mnist.train_on_fake_accuracy). Also the
+judge's label accuracy on the set (conditional G; 100% with the filter, unless G is too weak to fill it).
 """
 import argparse
 import os
@@ -24,6 +26,8 @@ def main():
     p.add_argument("--data_dir", default=dm.DATA_DIR)
     p.add_argument("--stds", default="1,1.5,2,2.5")
     p.add_argument("--n", type=int, default=60000)
+    p.add_argument("--filter", default=str(dm.DATASET_FILTER), help="keep the digits the judge reads as asked")
+    p.add_argument("--draws", type=int, default=1, help="sets per std, with different noise (draw-to-draw spread)")
     args = p.parse_args()
     device = dm.pick_device("auto")
     mnist = dm.load_mnist(args.data_dir)
@@ -31,13 +35,16 @@ def main():
     G = dm.load_generator(args.ckpt, dm.NOISE_DIM, device)
     real = dm.judge_accuracy(judge, mnist.test_images, mnist.test_labels, device)
     print(f"{args.ckpt}: train-on-real (the judge) {real:.2%}")
-    print("| noise std | train-on-fake | gap (points) | judge reads the label |\n| --- | --- | --- | --- |")
-    for std in (float(s) for s in args.stds.split(",")):
-        images, labels = dm.labeled_fakes(G, args.n, dm.NOISE_DIM, device, dm.SEED + dm.SEED_OFFSET_DATASET, std, judge)
+    filtered = args.filter.lower() in ("true", "1", "yes")
+    print(f"judge filter: {filtered}\n| noise std | draw | train-on-fake | gap (points) | judge reads the label |\n"
+          "| --- | --- | --- | --- | --- |")
+    for std, draw in ((float(s), d) for s in args.stds.split(",") for d in range(args.draws)):
+        seed = dm.SEED + dm.SEED_OFFSET_DATASET + 100 * draw  # draw 0: the set `dataset` writes
+        images, labels = dm.labeled_fakes(G, args.n, dm.NOISE_DIM, device, seed, std, judge, filtered)
         accuracy = dm.train_on_fake_accuracy(images, labels, mnist, device)
         with torch.no_grad():
             read = torch.cat([judge(dm.to_float(x.to(device))).argmax(1).cpu() for x in images.split(1000)])
-        print(f"| {std:g} | {accuracy:.2%} | {100 * (accuracy - real):+.2f} | {(read == labels).float().mean():.2%} |",
+        print(f"| {std:g} | {draw} | {accuracy:.2%} | {100 * (accuracy - real):+.2f} | {(read == labels).float().mean():.2%} |",
               flush=True)
 
 

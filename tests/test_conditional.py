@@ -125,11 +125,13 @@ def _read_idx(path):
     return int.from_bytes(data[:4], "big"), data
 
 
-def test_dataset_is_mnist_to_torchvision_and_to_this_script(conditional_run, tmp_path):
+def test_dataset_is_mnist_to_torchvision_and_to_this_script(conditional_run, judge_cache, tmp_path):
     folder = str(tmp_path / "fake_mnist")
-    result = run_main("dataset", "--n=50", "--n_test=20", f"--dataset_dir={folder}",
-                      f"--ckpt={conditional_run}/G_model.ckpt", f"--output_dir={tmp_path / 'o'}")
+    result = run_main("dataset", "--n=50", "--n_test=20", f"--dataset_dir={folder}", f"--data_dir={DATA_DIR}",
+                      f"--ckpt={conditional_run}/G_model.ckpt", f"--cache_dir={judge_cache}",
+                      f"--output_dir={tmp_path / 'o'}")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "the digits G was asked for, kept where the judge reads them" in result.stdout
     raw = os.path.join(folder, "MNIST", "raw")
     assert sorted(os.listdir(raw)) == sorted(dm.RAW_FILES)  # nothing else, no temporary files
     assert _read_idx(os.path.join(raw, "train-images-idx3-ubyte"))[0] == 2051
@@ -143,6 +145,34 @@ def test_dataset_is_mnist_to_torchvision_and_to_this_script(conditional_run, tmp
     loaded = dm.load_mnist(folder)  # a drop-in for --data_dir
     assert torch.equal(loaded.train_images, torchvision.datasets.MNIST(folder, train=True).data)
     assert len(loaded.test_labels) == 20
+    # without the filter, no judge is needed (no MNIST, no cache): every digit drawn is kept
+    unfiltered = str(tmp_path / "unfiltered")
+    result = run_main("dataset", "--n=50", "--n_test=20", f"--dataset_dir={unfiltered}", "--dataset_filter=False",
+                      f"--ckpt={conditional_run}/G_model.ckpt", f"--data_dir={tmp_path / 'no_mnist'}",
+                      f"--output_dir={tmp_path / 'o'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the digits G was asked for)" in result.stdout
+    ds = torchvision.datasets.MNIST(unfiltered, train=True, download=False)
+    assert np.bincount(ds.targets.numpy(), minlength=10).tolist() == [5] * 10
+
+
+def test_judge_filter_keeps_balanced_digits_that_the_judge_reads_as_asked(judge, mnist):
+    """Real test digits, a third of them "asked for" the wrong digit: the filter keeps digits the judge
+    reads as asked, balanced; when too few of a digit pass, every one that passed is kept and the likeliest
+    others fill up."""
+    true = mnist.test_labels[:3000]
+    wrong = torch.arange(3000) % 3 == 0
+    asked = torch.where(wrong, (true + 1) % 10, true)
+    probs = dm.judge_outputs(judge, dm.to_float(mnist.test_images[:3000]), CPU)[1]
+    passed = torch.from_numpy(probs.argmax(1)) == asked
+    keep = dm.judge_filter(probs, asked, 1000, seed=0)  # ~200 of each digit pass, 100 are wanted
+    assert len(set(keep.tolist())) == 1000
+    assert torch.bincount(asked[keep], minlength=10).tolist() == [100] * 10
+    assert passed[keep].all() and wrong[keep].float().mean() < 0.02  # only the judge's own mistakes
+    assert not torch.equal(keep.sort().values, dm.judge_filter(probs, asked, 1000, seed=1).sort().values)
+    keep = dm.judge_filter(probs, asked, 2500, seed=0)  # 250 of each wanted: more than pass
+    assert torch.bincount(asked[keep], minlength=10).tolist() == [250] * 10
+    assert set(passed.nonzero().flatten().tolist()) <= set(keep.tolist())
 
 
 def test_unconditional_dataset_is_labeled_by_the_judge(smoke_run, judge, judge_cache, tmp_path):
@@ -232,7 +262,8 @@ def test_evaluate_reports_label_accuracy_and_train_on_fake(conditional_run, judg
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert "labels" in lines[0] and "confidence" in lines[0]
-    fake_line = next(l for l in lines if l.startswith("train on 500 generated digits (asked-for labels, noise std 1.5)"))
+    fake_line = next(l for l in lines if l.startswith("train on 500 generated digits (labels: the digits G was asked for, kept where the "
+                                             f"judge reads them, noise std {dm.DATASET_NOISE:g})"))
     real_line = next(l for l in lines if l.startswith("the same classifier trained on the 60,000 real"))
     gap_line = next(l for l in lines if l.startswith("train-on-fake gap"))
     fake, real = (float(l.rsplit(" ", 1)[1].rstrip("%")) for l in (fake_line, real_line))
