@@ -74,7 +74,7 @@ EVAL_SAMPLES = 10000    # generated images per FID evaluation (compared with the
 SAMPLE_EVERY = 1        # save an 8x8 grid of the fixed noise every N epochs (and after the last)
 CACHE_DIR = "~/.cache/dcgan_mnist"  # the judge classifier used for FID, trained once and reused
 # fake dataset
-DATASET_NOISE = 1.5     # noise std for `dataset` and train-on-fake (training uses 1): wider noise draws rarer digits
+DATASET_NOISE = 2.0     # noise std for `dataset` and train-on-fake (training uses 1): wider noise draws rarer digits
 DATASET_FILTER = True   # conditional G: `dataset` draws 3x and keeps the digits the judge reads as asked (False: all)
 # system
 SEED = 0                # seeds python, numpy and torch: the same seed gives the same run on CPU
