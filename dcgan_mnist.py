@@ -20,11 +20,14 @@ import ast
 import contextlib
 import copy
 import errno
+import hashlib
 import io
+import json
 import math
 import os
 import random
 import re
+import shlex
 import signal
 import sys
 import time
@@ -63,7 +66,7 @@ EMA_DECAY = 0.999       # we sample from a moving average of G's weights (0 = pl
 MODE_SEEKING = 1.0      # conditional GAN only: reward G for drawing two different digits y from two noises (0 = off)
 # how long
 EPOCHS = 30             # passes over the data (one epoch = all 70,000 images)
-EARLY_STOPPING = 5      # stop after this many epochs without improvement of SELECT_BY
+EARLY_STOPPING = 5      # stop once this many epochs have passed without improvement of SELECT_BY (checked when measured)
 MAX_MINUTES = 28.0      # stop before an epoch that would end past this budget (0 = no limit)
 MAX_BATCHES = 0         # 0 = whole epoch; N > 0 = at most N batches per epoch (smoke runs)
 RESUME = False          # continue from <OUTPUT_DIR>/last.ckpt (the whole training state)
@@ -367,9 +370,9 @@ def refresh_bn_stats(G_ema, noise_dim, device, seed, batches=8, batch_size=256):
     G_ema.eval()
 
 
-def balanced_labels(n, device="cpu"):
-    """0, 1, ..., 9, 0, 1, ...: each digit n/10 times (+-1)."""
-    return (torch.arange(n) % N_CLASSES).to(device)
+def balanced_labels(n, device="cpu", start=0):
+    """0, 1, ..., 9, 0, 1, ...: each digit n/10 times (+-1). start: the labels from position start on."""
+    return (torch.arange(start, start + n) % N_CLASSES).to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -449,7 +452,7 @@ def train_one_epoch(data, gan, state, cfg, amp, n_batches):
                 break
     bar.close()
     state.sums = sums.tolist()
-    return state.next_batch == n_batches  # False: a signal stopped us inside the epoch
+    return state.next_batch >= n_batches  # False: a signal stopped us inside the epoch
 
 
 def end_of_epoch(state, gan, cfg, judging, n_batches, out):
@@ -457,7 +460,7 @@ def end_of_epoch(state, gan, cfg, judging, n_batches, out):
     history = state.history
     history["epoch"].append(state.epoch)
     for name, total in zip(TRACKED, state.sums):
-        history[name].append(total / n_batches)
+        history[name].append(total / state.next_batch)  # the batches trained (n_batches, or more after a resume)
     device = next(gan.G_ema.parameters()).device
     refresh_bn_stats(gan.G_ema, cfg["noise_dim"], device, seed=cfg["seed"] + SEED_OFFSET_BN_REFRESH)
     metrics = {}
@@ -473,18 +476,20 @@ def end_of_epoch(state, gan, cfg, judging, n_batches, out):
         atomic_save(gan.G_ema.state_dict(), os.path.join(out, "G_best_fid.ckpt"))
     value = history[judging.select_by][-1]
     if not math.isnan(value):  # early-stopping bookkeeping, and the selected checkpoints
-        is_best, state.best, state.bad_epochs = improved(value, state.best, state.bad_epochs)
+        epochs_since_last = judging.every if judging.select_by == "fid" else 1  # FID: every EVAL_EVERY epochs
+        is_best, state.best, state.bad_epochs = improved(value, state.best, state.bad_epochs, epochs_since_last)
         if is_best:
             atomic_save(gan.G_ema.state_dict(), os.path.join(out, "G_model.ckpt"))
             atomic_save(gan.D.state_dict(), os.path.join(out, "D_model.ckpt"))
     return metrics
 
 
-def improved(value, best, bad_epochs):
-    """Early-stopping bookkeeping: (is it a new best, the best so far, epochs without improvement)."""
+def improved(value, best, bad_epochs, epochs_since_last=1):
+    """Early-stopping bookkeeping: (is it a new best, the best so far, epochs without improvement).
+    epochs_since_last: the epochs since the value was last measured (FID every EVAL_EVERY epochs)."""
     if value < best:
         return True, value, 0
-    return False, best, bad_epochs + 1
+    return False, best, bad_epochs + epochs_since_last
 
 
 def epoch_line(state, cfg, metrics, judging, seconds):
@@ -566,6 +571,19 @@ def setup_training(cfg, given, saved, device):
     return data, judging, gan, fixed_noise, state
 
 
+def resume_notice(state, cfg, n_batches):
+    """A resumed run says when its saved position does not fit this run's settings (never a silent "Done"):
+    "epochs" when every epoch is trained already, else None (train on)."""
+    if state.epoch > cfg["epochs"]:
+        print(f"Nothing to train: the saved run has trained {state.epoch - 1} epochs, and --epochs={cfg['epochs']} "
+              f"(pass a larger --epochs to train on)")
+        return "epochs"
+    if state.next_batch and state.next_batch >= n_batches:
+        print(f"The saved position, batch {state.next_batch} of epoch {state.epoch}, is past this run's "
+              f"{n_batches} batches per epoch: epoch {state.epoch} ends there and the next one starts")
+    return None
+
+
 def train(cfg, given=()):
     """Train until EPOCHS, early stopping, MAX_MINUTES or Ctrl-C; save everything on the way."""
     saved = None
@@ -584,7 +602,7 @@ def train(cfg, given=()):
     # Explicit handlers: a background process may start with SIGINT ignored, and SIGTERM never
     # raises KeyboardInterrupt. Either way we finish the batch, save, and say how to resume.
     old_handlers = [signal.signal(s, handle_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)]
-    reason = "epochs" if state.epoch > cfg["epochs"] else None  # resumed after the last epoch
+    reason = resume_notice(state, cfg, n_batches)
     try:
         while reason is None and not STOP["signal"]:
             epoch_start = time.time()
@@ -608,24 +626,32 @@ def train(cfg, given=()):
         state.elapsed = time.time() - start_time
         save_training_state(os.path.join(out, "last.ckpt"), gan, fixed_noise, state, cfg, given)
         print(f"Interrupted; the training state is in {os.path.join(out, 'last.ckpt')}. Continue with:\n"
-              f"  python {os.path.basename(sys.argv[0] or 'dcgan_mnist.py')} {' '.join(sys.argv[1:])} --resume=True",
-              flush=True)
+              f"  {resume_command(sys.argv)}", flush=True)
         sys.exit(128 + STOP["signal"])
     finish(state, gan, cfg, judging, reason, data, fixed_noise, start_time)
     return state.history
+
+
+def resume_command(argv):
+    """The command line that continues this run: the same options, with one --resume=True at the end."""
+    args = [a for a in argv[1:] if not re.fullmatch(r"--resume(=.*)?", a)]
+    return shlex.join(["python", os.path.basename(argv[0] or "dcgan_mnist.py"), *args, "--resume=True"])
 
 
 def finish(state, gan, cfg, judging, reason, data, fixed_noise, start_time):
     """Say why training stopped, then the plots, the GIF and real-vs-fake."""
     out = cfg["output_dir"]
     if reason == "early stopping":
-        message = f"|  Early stopping: no improvement of {judging.select_by} in {cfg['early_stopping']} epochs  |"
+        message = f"|  Early stopping: no improvement of {judging.select_by} in {state.bad_epochs} epochs  |"
         print("=" * len(message) + "\n" + message + "\n" + "=" * len(message))
     elif reason == "time budget":
         print(f"Stopped: the next epoch would end past --max_minutes={cfg['max_minutes']:g}")
     save_plots(state.history, judging.floor["fid"] if judging.every else None, os.path.join(out, "losses.png"))
     save_progress_gif([os.path.join(out, g) for g in state.grids], os.path.join(out, "progress.gif"))
-    save_real_vs_fake(to_float(data.images[:64].cpu()), draw_fixed(gan.G_ema, fixed_noise)[:64],
+    selected, path = copy.deepcopy(gan.G_ema), os.path.join(out, "G_model.ckpt")
+    if os.path.isfile(path):  # the generator you keep (G_model.ckpt), not the last epoch's
+        selected.load_state_dict(load_checkpoint(path, next(selected.parameters()).device))
+    save_real_vs_fake(to_float(data.images[:64].cpu()), draw_fixed(selected, fixed_noise)[:64],
                       os.path.join(out, "real_vs_fake.png"))
     print(f"Done in {(time.time() - start_time) / 60:.1f} min. Outputs in {out}/")
 
@@ -634,7 +660,7 @@ def finish(state, gan, cfg, judging, reason, data, fixed_noise, start_time):
 # 7. Quality judge: a small LeNet trained on MNIST's training split. Its 128 penultimate features give a
 # Frechet distance between generated and real digits ("FID" with a LeNet instead of Inception), its
 # class probabilities give an Inception-style score (max 10) and which digits G draws (mode coverage).
-JUDGE_FILE = "judge_lenet_v1.pt"  # bump the version when the judge changes: FIDs of two judges don't compare
+JUDGE_FILE = "judge_lenet_v1"  # bump the version when the judge changes: FIDs of two judges don't compare
 
 
 class Judge(nn.Module):
@@ -679,16 +705,24 @@ def judge_accuracy(judge, images, labels, device):
     return 1 - sum(misread_by_digit(judge, images, labels, device)) / len(images)
 
 
+def judge_path(cache_dir, mnist):
+    """Where the judge trained on mnist's training digits is cached: the file name holds a digest of those
+    images and labels, so a judge trained on other digits (a fake set, say) is never used for these."""
+    digest = hashlib.sha256(mnist.train_images.numpy().tobytes())
+    digest.update(mnist.train_labels.numpy().tobytes())
+    return os.path.join(os.path.expanduser(cache_dir), f"{JUDGE_FILE}_{digest.hexdigest()[:16]}.pt")
+
+
 def get_judge(cache_dir, mnist, device):
-    """Load the cached judge, or train it (once per cache folder) and cache it."""
-    path = os.path.join(os.path.expanduser(cache_dir), JUDGE_FILE)
+    """Load the judge cached for these training digits, or train it (once per data and cache folder) and cache it."""
+    path = judge_path(cache_dir, mnist)
     judge = Judge().to(device)
     try:
         judge.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
         return judge.eval()
     except Exception:  # missing or unreadable: train a new one
         pass
-    print(f"Training the FID judge (LeNet, once; cached in {path}) ...")
+    print(f"Training the FID judge on these {len(mnist.train_images):,} training digits (LeNet, once; cached in {path}) ...")
     judge = train_judge(mnist.train_images, mnist.train_labels, device)
     accuracy = judge_accuracy(judge, mnist.test_images, mnist.test_labels, device)
     print(f"Judge test accuracy: {accuracy:.2%}")
@@ -753,12 +787,18 @@ def reference_stats(judge, mnist, device, real=None):
     return ref_stats, quality(*train_outputs, ref_stats)
 
 
+def rng(seed):
+    """A random stream of its own (never the training's): a new one from an int seed, or the torch.Generator
+    given, which then continues where it stopped (so that a set drawn in chunks is one stream)."""
+    return seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+
+
 def generate(G, n, noise_dim, device, seed, labels=None, noise=None, noise_std=1.0, batch=1000):
-    """n images from G with noise from its own seeded generator (never touches the training RNG), or
-    the given `noise`. A conditional G draws `labels` (default: each digit n/10 times, balanced_labels)."""
+    """n images from G with noise from rng(seed), or the given `noise`. A conditional G draws `labels`
+    (default: each digit n/10 times, balanced_labels)."""
     if G.n_classes and labels is None:
         labels = balanced_labels(n)
-    gen, images = torch.Generator().manual_seed(seed), []
+    gen, images = rng(seed), []
     with torch.no_grad():
         for i in range(0, n, batch):
             z = noise[i:i + batch] if noise is not None else noise_std * torch.randn(
@@ -771,16 +811,26 @@ def generate(G, n, noise_dim, device, seed, labels=None, noise=None, noise_std=1
 # 8. Files and pictures. Every checkpoint and image is written to a temporary name, then renamed: a crash
 # or Ctrl-C mid-write never leaves a truncated file under the real name (os.replace is atomic).
 def atomic_write(path, write):
-    """write(buffer) serializes into memory; the bytes then go to name.tmp.ext, renamed to `path`.
+    """write(buffer) serializes into memory; the bytes then go to `path` through atomic_file.
     Serializing first means a full disk or a lost drive fails in one place, with its reason
     ("No space left on device"): one line, exit 1, the temporary file removed, the old file intact."""
     buffer = io.BytesIO()
     write(buffer)
+    with atomic_file(path) as f:
+        write_chunks(f, buffer.getbuffer())
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """An open file for `path` that is really name.tmp.ext, renamed to `path` when the block ends. A file too
+    big for memory (a large `dataset`) is streamed into it chunk by chunk; a write error is one line, exit 1."""
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{ext}"
     try:
         with open(tmp, "wb") as f:
-            write_chunks(f, buffer.getbuffer())
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave an empty file behind
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -791,8 +841,6 @@ def atomic_write(path, write):
 def write_chunks(f, data, chunk=1 << 20):
     for i in range(0, len(data), chunk):
         f.write(data[i:i + chunk])
-    f.flush()
-    os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave an empty file behind
 
 
 def atomic_save(obj, path):
@@ -828,6 +876,9 @@ def resume_settings(cfg, given, saved_cfg):
     change is applied and printed ("lr_g: 0.0008 -> 0.0001"); FIXED_ON_RESUME ones must match (exit 2)."""
     merged = {**cfg, **{k: v for k, v in saved_cfg.items() if k in cfg}}
     merged.update(output_dir=cfg["output_dir"], resume=True)  # where the run is now
+    if "device" not in given and device_problem(merged["device"]):  # the device belongs to the machine
+        print(f"device: {merged['device']!r} is not available on this machine; resuming with --device={cfg['device']}")
+        merged["device"] = cfg["device"]
     for name in [k for k in cfg if k in given and merged[k] != cfg[k]]:
         if name in FIXED_ON_RESUME:
             die(f"{cfg['output_dir']}/last.ckpt was trained with --{name}={merged[name]!r}, not "
@@ -892,10 +943,9 @@ def load_generator(path, noise_dim, device):
     return G.eval()
 
 
-def idx_bytes(array, magic):
-    """An IDX file, as MNIST's own files are: big-endian magic, each dimension, then uint8 data."""
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+def idx_header(magic, shape):
+    """The start of an IDX file, as MNIST's own files are: big-endian magic, each dimension; uint8 data follows."""
+    return magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in shape)
 
 
 def to_uint8(images):
@@ -950,11 +1000,11 @@ def save_real_vs_fake(real, fake, path):
     plt.close(fig)
 
 
-def save_pngs(images, folder, labels=None):
-    """Each image in [-1, 1] as a 28x28 grayscale PNG, NNNNNN.png; with labels, in the ImageFolder
-    layout folder/<digit>/NNNNNN.png that torchvision.datasets.ImageFolder reads."""
-    for i, img in enumerate(to_uint8(images).numpy()):
-        sub = os.path.join(folder, str(int(labels[i]))) if labels is not None else folder
+def save_pngs(images, folder, labels=None, first=0):
+    """Each image in [-1, 1] as a 28x28 grayscale PNG, NNNNNN.png (numbered from `first`); with labels, in
+    the ImageFolder layout folder/<digit>/NNNNNN.png that torchvision.datasets.ImageFolder reads."""
+    for i, img in enumerate(to_uint8(images).numpy(), start=first):
+        sub = os.path.join(folder, str(int(labels[i - first]))) if labels is not None else folder
         os.makedirs(sub, exist_ok=True)
         atomic_write(os.path.join(sub, f"{i:06d}.png"), lambda f: f.write(cv2.imencode(".png", img)[1].tobytes()))
 
@@ -984,6 +1034,9 @@ def save_interpolation(G, noise_dim, device, seed, path, rows=10, steps=10):
 
 # -----------------------------------------------------------------------------
 # 9. Sampling (load the generator like any plain state_dict), evaluation and the fake dataset
+CHUNK = 10000  # `dataset` and `sample --png_dir` draw and write this many digits at a time (bounded memory)
+
+
 def sample(cfg, opts):
     """A grid (8x8; 10x10 by digit for a conditional G; 8x8 of one --digit), optional PNGs and an
     interpolation picture."""
@@ -1008,31 +1061,45 @@ def sample(cfg, opts):
         save_interpolation(G, nd, device, cfg["seed"] + SEED_OFFSET_GRID, path)
         print(f"Wrote {path}")
     if opts["png_dir"]:
-        n = opts["n"]
-        labels = (torch.full((n,), digit) if digit is not None else balanced_labels(n)) if G.n_classes else None
-        save_pngs(generate(G, n, nd, device, cfg["seed"] + SEED_OFFSET_PNGS, labels), opts["png_dir"], labels)
+        n, gen = opts["n"], rng(cfg["seed"] + SEED_OFFSET_PNGS)
+        for start in range(0, n, CHUNK):  # CHUNK images at a time: memory does not grow with --n
+            k = min(CHUNK, n - start)
+            labels = (torch.full((k,), digit) if digit is not None else balanced_labels(k, start=start)
+                      ) if G.n_classes else None
+            save_pngs(generate(G, k, nd, device, gen, labels), opts["png_dir"], labels, first=start)
         layout = "<digit>/NNNNNN.png" if G.n_classes else "NNNNNN.png"
         print(f"Wrote {n} PNGs (28x28 grayscale) to {opts['png_dir']}/{layout}")
 
 
-def labeled_fakes(G, n, noise_dim, device, seed, noise_std, judge=None, filtered=False):
-    """n generated digits (uint8) and their labels: the digits a conditional G was asked for (balanced,
-    in shuffled order), or, for an unconditional G, the judge's reading of each (only as good as the judge).
+def labeled_fakes(G, n, noise_dim, device, seed, noise_std, judge=None, filtered=False, chunk=CHUNK):
+    """n generated digits (uint8) and their labels, drawn as `dataset` draws them (labeled_fake_chunks)."""
+    images, labels = zip(*labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge, filtered, chunk))
+    return torch.cat(images), torch.cat(labels)
+
+
+def labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge=None, filtered=False, chunk=CHUNK):
+    """n generated digits (uint8) and their labels, `chunk` at a time from one random stream: the digits
+    a conditional G was asked for (balanced, in shuffled order), or, for an unconditional G, the judge's
+    reading of each (only as good as the judge).
     noise_std > 1 (DATASET_NOISE) reaches the rarer digits at the edges of G's range: a classifier
     trained on the set then meets fewer surprises among real digits. filtered (DATASET_FILTER): a
-    conditional G draws 3n digits and keeps n (n/10 of each), those the judge reads as the digit asked for
-    (judge_filter): wide noise also draws digits that no longer look like their label, which teach a
-    classifier wrong; the set is then only as good as the judge, like an unconditional G's."""
-    if not G.n_classes:
-        images = generate(G, n, noise_dim, device, seed, noise_std=noise_std)
-        return to_uint8(images), torch.from_numpy(judge_outputs(judge, images, device)[1].argmax(1))
-    draws = 3 * n if filtered else n
-    asked = balanced_labels(draws)[torch.randperm(draws, generator=torch.Generator().manual_seed(seed))]
-    images = generate(G, draws, noise_dim, device, seed, asked, noise_std=noise_std)
-    if filtered:
-        keep = judge_filter(judge_outputs(judge, images, device)[1], asked, n, seed)
-        images, asked = images[keep], asked[keep]
-    return to_uint8(images), asked
+    conditional G draws 3x and keeps 1/3 (a tenth of each digit), those the judge reads as the digit
+    asked for (judge_filter): wide noise also draws digits that no longer look like their label, which
+    teach a classifier wrong; the set is then only as good as the judge, like an unconditional G's."""
+    gen = rng(seed)
+    for start in range(0, n, chunk):
+        k = min(chunk, n - start)
+        if not G.n_classes:
+            images = generate(G, k, noise_dim, device, gen, noise_std=noise_std)
+            yield to_uint8(images), torch.from_numpy(judge_outputs(judge, images, device)[1].argmax(1))
+            continue
+        draws = 3 * k if filtered else k
+        asked = balanced_labels(draws)[torch.randperm(draws, generator=gen)]
+        images = generate(G, draws, noise_dim, device, gen, asked, noise_std=noise_std)
+        if filtered:
+            keep = judge_filter(judge_outputs(judge, images, device)[1], asked, k, gen)
+            images, asked = images[keep], asked[keep]
+        yield to_uint8(images), asked
 
 
 def judge_filter(probs, asked, n, seed):
@@ -1041,29 +1108,92 @@ def judge_filter(probs, asked, n, seed):
     too few of a digit pass, the ones the judge finds likeliest to be it (a weak G still gives n)."""
     p_asked = torch.from_numpy(probs)[torch.arange(len(asked)), asked]
     passed = torch.from_numpy(probs.argmax(1)) == asked
-    order = torch.rand(len(asked), generator=torch.Generator().manual_seed(seed))
+    gen = rng(seed)
+    order = torch.rand(len(asked), generator=gen)
     rank = torch.where(passed, 1 + order, p_asked)  # passed digits (>= 1) before the others (< 1)
     wanted = torch.bincount(balanced_labels(n), minlength=N_CLASSES)
     keep = [torch.nonzero(asked == d).flatten()[rank[asked == d].argsort(descending=True)[:wanted[d]]]
             for d in range(N_CLASSES)]
-    return torch.cat(keep)[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+    return torch.cat(keep)[torch.randperm(n, generator=gen)]
 
 
 def write_dataset(cfg, opts):
-    """A fake MNIST in MNIST's own files: DIR/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte."""
+    """A fake MNIST in MNIST's own files: DIR/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.
+    Never over real data: check_dataset_target runs first, and the files written are recorded (MANIFEST)."""
+    raw = os.path.join(opts["dataset_dir"], "MNIST", "raw")
+    check_dataset_target(raw, cfg["data_dir"], opts["dataset_dir"], opts["overwrite"])
     device = pick_device(cfg["device"])
     G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
     needs_judge = not G.n_classes or cfg["dataset_filter"]  # for the labels, or for the filter
     judge = get_judge(cfg["cache_dir"], load_mnist(cfg["data_dir"]), device) if needs_judge else None
-    raw = os.path.join(opts["dataset_dir"], "MNIST", "raw")
     os.makedirs(raw, exist_ok=True)
     for split, n, offset in (("train", opts["n"], 0), ("t10k", opts["n_test"], 1)):
-        images, labels = labeled_fakes(G, n, cfg["noise_dim"], device, cfg["seed"] + SEED_OFFSET_DATASET + offset,
-                                       cfg["dataset_noise"], judge, cfg["dataset_filter"])
-        atomic_write(os.path.join(raw, f"{split}-images-idx3-ubyte"), lambda f: f.write(idx_bytes(images.numpy(), 2051)))
-        atomic_write(os.path.join(raw, f"{split}-labels-idx1-ubyte"), lambda f: f.write(idx_bytes(labels.numpy(), 2049)))
+        chunks = labeled_fake_chunks(G, n, cfg["noise_dim"], device, cfg["seed"] + SEED_OFFSET_DATASET + offset,
+                                     cfg["dataset_noise"], judge, cfg["dataset_filter"], CHUNK)
+        write_idx_split(raw, split, n, chunks)
     print(f"Wrote {opts['n']} training and {opts['n_test']} test digits to {raw}/ ({dataset_source(G, cfg)}). "
           f"Load with torchvision.datasets.MNIST({opts['dataset_dir']!r}) or --data_dir={opts['dataset_dir']}")
+
+
+def write_idx_split(raw, split, n, chunks):
+    """One split's two IDX files from (images, labels) chunks. The images are streamed to disk as they come
+    (header first, then rows: memory holds one chunk, not n digits); the labels (1 byte each) follow.
+    Their sha256 goes into MANIFEST: the proof that `dataset` wrote them, so a later run may replace them."""
+    images_name, labels_name = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
+    digest, labels = hashlib.sha256(), []
+    with atomic_file(os.path.join(raw, images_name)) as f:
+        header = idx_header(2051, (n, 28, 28))
+        f.write(header)
+        digest.update(header)
+        for images, y in chunks:
+            data = images.numpy().tobytes()
+            write_chunks(f, data)
+            digest.update(data)
+            labels.append(y)
+    data = idx_header(2049, (n,)) + torch.cat(labels).to(torch.uint8).numpy().tobytes()
+    atomic_write(os.path.join(raw, labels_name), lambda f: f.write(data))
+    record_written(raw, {images_name: digest.hexdigest(), labels_name: hashlib.sha256(data).hexdigest()})
+
+
+MANIFEST = "written_by_dcgan_mnist.json"  # in a fake set's raw/ folder: the sha256 of each file `dataset` wrote
+
+
+def record_written(raw, digests):
+    atomic_write(os.path.join(raw, MANIFEST), lambda f: f.write(json.dumps(
+        {"files": {**read_manifest(raw), **digests}}, indent=1).encode()))
+
+
+def read_manifest(raw):
+    """{file name: sha256} of the files `dataset` wrote into raw/ ({} if none)."""
+    try:
+        with open(os.path.join(raw, MANIFEST)) as f:
+            files = json.load(f)["files"]
+        return files if isinstance(files, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_dataset_target(raw, data_dir, dataset_dir, overwrite):
+    """`dataset` never writes where this run reads MNIST, and replaces MNIST files only if it wrote them
+    itself (their sha256 in MANIFEST) or --overwrite=True: the real MNIST is never lost to a typo."""
+    data_raw = os.path.join(os.path.expanduser(data_dir), "MNIST", "raw")
+    if os.path.realpath(raw) == os.path.realpath(data_raw):
+        die(f"--dataset_dir={dataset_dir} is the folder this run reads MNIST from (--data_dir={data_dir}); "
+            f"write the fake set to another folder", 2)
+    written = read_manifest(raw)
+    foreign = [f for f in RAW_FILES if os.path.isfile(os.path.join(raw, f))
+               and written.get(f) != file_sha256(os.path.join(raw, f))]
+    if foreign and not overwrite:
+        die(f"{raw} holds MNIST files that `dataset` did not write ({', '.join(foreign)}); choose another "
+            f"--dataset_dir, or pass --overwrite=True to replace them", 2)
 
 
 def dataset_source(G, cfg):
@@ -1237,13 +1367,20 @@ def validate(cfg):
     check_device(cfg["device"])
 
 
-def check_device(device):
+def device_problem(device):
+    """Why `device` cannot be used on this machine, or None."""
     if device.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device={device} but CUDA is not available on this machine (try --device=cpu)", 2)
+        return "CUDA is not available on this machine (try --device=cpu)"
     if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
-        die(f"--device={device} but this machine has {torch.cuda.device_count()} CUDA device(s)", 2)
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
     if device == "mps" and not torch.backends.mps.is_available():
-        die("--device=mps but MPS is not available on this machine (try --device=cpu)", 2)
+        return "MPS is not available on this machine (try --device=cpu)"
+    return None
+
+
+def check_device(device):
+    if device_problem(device):
+        die(f"--device={device} but {device_problem(device)}", 2)
 
 
 def check_folder(option, folder, create=True):
@@ -1266,10 +1403,11 @@ def check_folder(option, folder, create=True):
 
 
 @contextlib.contextmanager
-def output_folder_lock(folder):
-    """One training run per output folder: an OS lock on <folder>/train.lock for the run's lifetime. The OS
-    drops it when the process ends, even on kill -9, so it is never stale. The file holds the pid."""
-    path = os.path.join(folder, "train.lock")
+def output_folder_lock(folder, command="train", option="output_dir"):
+    """One training run per output folder (one `dataset` run per dataset folder): an OS lock on
+    <folder>/<command>.lock for the run's lifetime. The OS drops it when the process ends, even on kill -9,
+    so it is never stale. The file holds the pid."""
+    path = os.path.join(folder, f"{command}.lock")
     f = open(path, "a+")  # "a+": do not wipe the pid of a run that holds the lock
     try:
         if os.name == "nt":
@@ -1283,8 +1421,8 @@ def output_folder_lock(folder):
         f.seek(0)
         pid = f.read().strip() or "unknown"
         f.close()
-        die(f"{folder} is in use by another training run (pid {pid}); wait for it to end, or pass another "
-            f"--output_dir", 2)
+        die(f"{folder} is in use by another {command} run (pid {pid}); wait for it to end, or pass another "
+            f"--{option}", 2)
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
@@ -1303,7 +1441,7 @@ COMMAND_OPTIONS = {
     "sample": {"n": (64, 1, None), "digit": (None, 0, N_CLASSES - 1), "interpolate": False, "png_dir": "",
                "ckpt": ""},
     "evaluate": {"n": (10000, 100, None), "n_train": (60000, 0, None), "ckpt": ""},
-    "dataset": {"n": (60000, 1, None), "n_test": (10000, 1, None), "dataset_dir": "", "ckpt": ""},
+    "dataset": {"n": (60000, 1, None), "n_test": (10000, 1, None), "dataset_dir": "", "ckpt": "", "overwrite": False},
 }
 
 
@@ -1353,7 +1491,11 @@ def main(argv):
             train(cfg, given)
         return
     opts = parse_options(command, options, cfg)
-    {"sample": sample, "evaluate": evaluate, "dataset": write_dataset}[command](cfg, opts)
+    if command == "dataset":
+        with output_folder_lock(opts["dataset_dir"], "dataset", "dataset_dir"):
+            write_dataset(cfg, opts)
+        return
+    {"sample": sample, "evaluate": evaluate}[command](cfg, opts)
 
 
 if __name__ == "__main__":

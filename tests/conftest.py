@@ -41,7 +41,7 @@ def judge_cache(tmp_path_factory, mnist):
     cpu = torch.device("cpu")
     judge = dm.train_judge(mnist.train_images[:40000], mnist.train_labels[:40000], cpu, epochs=1)
     accuracy = dm.judge_accuracy(judge, mnist.test_images, mnist.test_labels, cpu)
-    dm.atomic_save({"model": judge.state_dict(), "test_accuracy": accuracy}, os.path.join(cache, dm.JUDGE_FILE))
+    dm.atomic_save({"model": judge.state_dict(), "test_accuracy": accuracy}, dm.judge_path(cache, mnist))
     return cache
 
 

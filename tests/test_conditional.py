@@ -133,7 +133,8 @@ def test_dataset_is_mnist_to_torchvision_and_to_this_script(conditional_run, jud
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the digits G was asked for, kept where the judge reads them" in result.stdout
     raw = os.path.join(folder, "MNIST", "raw")
-    assert sorted(os.listdir(raw)) == sorted(dm.RAW_FILES)  # nothing else, no temporary files
+    assert sorted(os.listdir(raw)) == sorted([*dm.RAW_FILES, dm.MANIFEST])  # nothing else, no temporary files
+    assert os.listdir(folder) == ["MNIST"]  # the lock is gone
     assert _read_idx(os.path.join(raw, "train-images-idx3-ubyte"))[0] == 2051
     assert _read_idx(os.path.join(raw, "train-labels-idx1-ubyte"))[0] == 2049
     for train, n in ((True, 50), (False, 20)):

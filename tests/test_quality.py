@@ -14,14 +14,14 @@ CPU = torch.device("cpu")
 
 def test_one_epoch_judge_is_a_good_classifier(judge, mnist, judge_cache):
     assert dm.judge_accuracy(judge, mnist.test_images, mnist.test_labels, CPU) >= 0.98
-    assert os.path.isfile(os.path.join(judge_cache, dm.JUDGE_FILE))
+    assert os.path.isfile(dm.judge_path(judge_cache, mnist))
 
 
 @pytest.mark.slow  # the script's judge recipe, 3 epochs (~45 s): python -m pytest -q -m slow
 def test_judge_recipe_reaches_99_percent(mnist, tmp_path):
     judge = dm.get_judge(str(tmp_path), mnist, CPU)
     assert dm.judge_accuracy(judge, mnist.test_images, mnist.test_labels, CPU) >= 0.99
-    assert torch.load(tmp_path / dm.JUDGE_FILE, weights_only=True)["test_accuracy"] >= 0.99
+    assert torch.load(dm.judge_path(str(tmp_path), mnist), weights_only=True)["test_accuracy"] >= 0.99
 
 
 def test_judge_is_cached_and_retrained_only_when_unreadable(judge_cache, mnist, tmp_path, monkeypatch):
@@ -31,10 +31,10 @@ def test_judge_is_cached_and_retrained_only_when_unreadable(judge_cache, mnist, 
     assert calls == []
     broken = tmp_path / "broken_cache"
     broken.mkdir()
-    (broken / dm.JUDGE_FILE).write_bytes(b"not a checkpoint")
+    open(dm.judge_path(str(broken), mnist), "wb").write(b"not a checkpoint")
     dm.get_judge(str(broken), mnist, CPU)  # unreadable: trains again and replaces it
     assert calls == [1]
-    assert torch.load(broken / dm.JUDGE_FILE, weights_only=True)["model"]
+    assert torch.load(dm.judge_path(str(broken), mnist), weights_only=True)["model"]
 
 
 def test_frechet_distance_matches_scipy_sqrtm_on_random_data():
