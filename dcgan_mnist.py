@@ -76,6 +76,7 @@ MAX_BATCHES = 0         # 0 = whole epoch; N > 0 = at most N batches per epoch (
 RESUME = False          # continue from <OUTPUT_DIR>/last.ckpt (the whole training state)
 # quality
 SELECT_BY = "fid"       # what G_model.ckpt and early stopping follow: "fid" or "g_loss" (the tutorial's)
+MIN_DELTA = 0.03        # SELECT_BY improves only when 3% below its last improvement (FID's noise: ~0.1-0.2 of 5)
 EVAL_EVERY = 1          # compute FID every N epochs (0 = never; smoke runs skip it unless given)
 EVAL_SAMPLES = 10000    # generated images per FID evaluation (compared with the 10,000 test images)
 SAMPLE_EVERY = 1        # save an 8x8 grid of the fixed noise every N epochs (and after the last)
@@ -501,19 +502,24 @@ def end_of_epoch(state, gan, cfg, judging, n_batches, out):
     value = history[judging.select_by][-1]
     if not math.isnan(value):  # early-stopping bookkeeping, and the selected checkpoints
         epochs_since_last = judging.every if judging.select_by == "fid" else 1  # FID: every EVAL_EVERY epochs
-        is_best, state.best, state.bad_epochs = improved(value, state.best, state.bad_epochs, epochs_since_last)
-        if is_best:
+        keep, state.best, state.bad_epochs = improved(value, state.best, state.bad_epochs, epochs_since_last,
+                                                      cfg["min_delta"])
+        if keep:
             atomic_save(gan.G_ema.state_dict(), os.path.join(out, "G_model.ckpt"))
             atomic_save(gan.D.state_dict(), os.path.join(out, "D_model.ckpt"))
     return metrics
 
 
-def improved(value, best, bad_epochs, epochs_since_last=1):
-    """Early-stopping bookkeeping: (is it a new best, the best so far, epochs without improvement).
-    epochs_since_last: the epochs since the value was last measured (FID every EVAL_EVERY epochs)."""
-    if value < best:
+def improved(value, best, bad_epochs, epochs_since_last=1, min_delta=0.0):
+    """Early-stopping bookkeeping: (keep this epoch's G as G_model.ckpt, the value of the last improvement,
+    epochs without improvement). epochs_since_last: the epochs since the value was last measured (FID:
+    every EVAL_EVERY epochs). A value improves only if it is more than min_delta (a fraction) below the last
+    improvement, so a dip as large as the metric's noise cannot end a run by setting a mark that later
+    epochs cannot beat; an epoch within that margin is kept all the same: it has trained longer, and the
+    difference is noise."""
+    if value < best * (1 - min_delta):
         return True, value, 0
-    return False, best, bad_epochs + epochs_since_last
+    return value < best * (1 + min_delta), best, bad_epochs + epochs_since_last
 
 
 def epoch_line(state, cfg, metrics, judging, seconds):
@@ -1379,6 +1385,7 @@ def validate(cfg):
         ("mode_seeking", 0 <= cfg["mode_seeking"] < math.inf, "must be 0 (off) or a positive number"),
         ("epochs", cfg["epochs"] >= 1, "must be at least 1"),
         ("early_stopping", cfg["early_stopping"] >= 1, "must be at least 1"),
+        ("min_delta", 0 <= cfg["min_delta"] < 1, "must be in [0, 1)"),
         ("max_minutes", cfg["max_minutes"] >= 0, "must be 0 (no limit) or more"),
         ("select_by", cfg["select_by"] in ("g_loss", "fid"), 'must be "g_loss" or "fid"'),
         ("max_batches", cfg["max_batches"] >= 0, "must be 0 (whole epoch) or more"),
@@ -1463,20 +1470,51 @@ def output_folder_lock(folder, command="train", option="output_dir"):
         f.close()
 
 
-# The commands' own options. Whole numbers: (default, smallest, largest or None); others: their default.
+# The commands' own options: name -> (default, what it does). Whole numbers: (default, smallest, largest or None).
 COMMAND_OPTIONS = {
     "train": {},
-    "sample": {"n": (64, 1, None), "digit": (None, 0, N_CLASSES - 1), "interpolate": False, "png_dir": "",
-               "ckpt": ""},
-    "evaluate": {"n": (10000, 100, None), "n_train": (60000, 0, None), "ckpt": ""},
-    "dataset": {"n": (60000, 1, None), "n_test": (10000, 1, None), "dataset_dir": "", "ckpt": "", "overwrite": False},
+    "sample": {
+        "ckpt": ("", "the generator to draw from (default: <output_dir>/G_model.ckpt)"),
+        "digit": ((None, 0, N_CLASSES - 1), "conditional G: an 8x8 grid (and PNGs) of this digit only"),
+        "interpolate": (False, "also write <output_dir>/interpolation.png, walks through the noise"),
+        "png_dir": ("", "also write --n separate 28x28 PNGs here (conditional G: <png_dir>/<digit>/NNNNNN.png)"),
+        "n": ((64, 1, None), "how many PNGs --png_dir gets"),
+    },
+    "evaluate": {
+        "ckpt": ("", "the generator to measure (default: <output_dir>/G_model.ckpt)"),
+        "n": ((10000, 100, None), "generated digits scored against the 10,000 real test digits"),
+        "n_train": ((60000, 0, None), "train-on-fake: a classifier trained on this many generated digits (0 = skip)"),
+    },
+    "dataset": {
+        "dataset_dir": ("", "required: write the fake MNIST to <dataset_dir>/MNIST/raw/, MNIST's four files"),
+        "n": ((60000, 1, None), "training digits"),
+        "n_test": ((10000, 1, None), "test digits"),
+        "ckpt": ("", "the generator to draw from (default: <output_dir>/G_model.ckpt)"),
+        "overwrite": (False, "replace MNIST files in <dataset_dir> that `dataset` did not write itself"),
+    },
 }
+COMMANDS = {"train": "train the DCGAN (the default command)",
+            "sample": "draw digits: <output_dir>/fake_grid.png, and optionally PNGs and an interpolation",
+            "evaluate": "FID, score, digit coverage and train-on-fake accuracy of a generator",
+            "dataset": "write a labeled fake MNIST in MNIST's own files"}
+
+
+def command_help(command):
+    """--help of a command: what it does, its own options with their defaults, then where the rest are."""
+    lines = [f"python {os.path.basename(__file__)} {command} [--option=value ...]: {COMMANDS[command]}", "",
+             "Options:"]
+    for name, (spec, meaning) in COMMAND_OPTIONS[command].items():
+        default = spec[0] if isinstance(spec, tuple) else spec
+        lines.append(f"  {f'--{name}={default!r}':<36} {meaning}")
+    lines += ["", "The training hyperparameters apply too where they matter (--output_dir, --data_dir, --noise_dim,",
+              "--seed, --device, --cache_dir, --dataset_noise, ...): python dcgan_mnist.py --help lists them all."]
+    return "\n".join(lines)
 
 
 def parse_options(command, options, cfg):
     """The command's own options, typed and checked (one line and exit 2 for a bad one)."""
     opts = {}
-    for name, spec in COMMAND_OPTIONS[command].items():
+    for name, (spec, _) in COMMAND_OPTIONS[command].items():
         text = options.get(name)
         if isinstance(spec, tuple):  # a whole number in [low, high]
             default, low, high = spec
@@ -1506,6 +1544,9 @@ def main(argv):
         command, args = argv[0], argv[1:]
     if command not in COMMAND_OPTIONS:
         die(f"unknown command {command!r}; use train (the default), sample, evaluate or dataset", 2)
+    if command != "train" and ("-h" in args or "--help" in args):
+        print(command_help(command))
+        sys.exit(0)
     cfg, given, options = parse_args(args, tuple(COMMAND_OPTIONS[command]))
     validate(cfg)
     check_folder("output_dir", cfg["output_dir"])

@@ -207,6 +207,18 @@ def test_help_lists_every_hyperparameter_with_default_and_comment():
         assert repr(getattr(dm, name)) in line and len(line.split()) > 2, line
 
 
+@pytest.mark.parametrize("command", ["sample", "evaluate", "dataset"])
+def test_each_command_has_its_own_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        dm.main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name, (spec, meaning) in dm.COMMAND_OPTIONS[command].items():
+        default = spec[0] if isinstance(spec, tuple) else spec
+        assert f"--{name}={default!r}" in out and meaning in out
+    assert "--lr_d" not in out and "dcgan_mnist.py --help" in out  # points to the hyperparameters
+
+
 def test_end_to_end_smoke_run_then_sample_pngs(smoke_run, tmp_path):
     out, result = smoke_run
     assert "Epoch [2/2]" in result.stdout
