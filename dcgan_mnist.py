@@ -9,12 +9,12 @@ DCGAN on MNIST in one script: train a generator of handwritten digits, watch it 
     python dcgan_mnist.py dataset --n=60000 --dataset_dir=fake_mnist   # a labeled fake MNIST, MNIST's files
     python dcgan_mnist.py --help                 # every hyperparameter with its default
 
-Sections, in reading order:
-   1. hyperparameters                      6. the training loop (train_one_epoch, end_of_epoch, train)
-   2. seeding and device                   7. the quality judge (FID, score, digit coverage)
-   3. data                                 8. files and pictures (checkpoints, grids, plots)
-   4. models (Discriminator, Generator)    9. sampling, evaluation (train-on-fake), the fake dataset
-   5. training steps (D_train, G_train)   10. command line, validation and main
+Sections, in reading order. A first read: the [DCGAN] ones, 1-6, are the algorithm; 7-10 can be skipped.
+   1. [DCGAN] hyperparameters                    6. [DCGAN] the training loop (train_one_epoch, train)
+   2. [DCGAN] seeding and device                 7. [measuring] the quality judge (FID, score, digits)
+   3. [DCGAN] data                               8. [files and safety] checkpoints, grids, plots
+   4. [DCGAN] models (Discriminator, Generator)  9. [using G] sampling, evaluation, the fake dataset
+   5. [DCGAN] training steps (D_train, G_train) 10. [command line] options, validation and main
 """
 import ast
 import contextlib
@@ -48,7 +48,7 @@ from PIL import Image
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# 1. Hyperparameters: edit here, or override any of them as --lowercase_name=value
+# 1. [DCGAN] Hyperparameters: edit here, or override any of them as --lowercase_name=value
 # data
 DATA_DIR = "MNIST/"     # torchvision reads (or downloads) <DATA_DIR>/MNIST/raw/
 OUTPUT_DIR = "outputs"  # checkpoints, sample grids, plots
@@ -69,7 +69,7 @@ EMA_DECAY = 0.999       # we sample from a moving average of G's weights (0 = pl
 EMA_RAMPUP = 0.0        # > 0: the average's half-life is at most this fraction of the steps so far (StyleGAN2: 0.05)
 MODE_SEEKING = 1.0      # conditional GAN only: reward G for drawing two different digits y from two noises (0 = off)
 # how long
-EPOCHS = 30             # passes over the data (one epoch = all 70,000 images)
+EPOCHS = 30             # passes over the data (one epoch = 70,000 images; 60,000 with MERGE_TEST=False)
 EARLY_STOPPING = 5      # stop once this many epochs have passed without improvement of SELECT_BY (checked when measured)
 MAX_MINUTES = 28.0      # stop before an epoch that would end past this budget (0 = no limit)
 MAX_BATCHES = 0         # 0 = whole epoch; N > 0 = at most N batches per epoch (smoke runs)
@@ -106,7 +106,7 @@ N_CLASSES = 10              # digits 0-9: the labels of a conditional G and D
 
 
 # -----------------------------------------------------------------------------
-# 2. Seeding and device
+# 2. [DCGAN] Seeding and device
 def set_seed(seed, deterministic=True):
     random.seed(seed)
     np.random.seed(seed)
@@ -145,7 +145,7 @@ def use_channels_last(device, channels_last):
 
 
 # -----------------------------------------------------------------------------
-# 3. Data: MNIST train + test (70,000 digits; MERGE_TEST=False: train only), decoded once into one uint8 tensor.
+# 3. [DCGAN] Data: MNIST train + test (70,000 digits; MERGE_TEST=False: train only), decoded once into one uint8 tensor.
 # A per-sample PIL pipeline (ToTensor, Normalize) costs more than the GAN step on small machines;
 # indexing one tensor and normalizing the whole batch at once costs nothing.
 MNIST = namedtuple("MNIST", "train_images train_labels test_images test_labels")  # images uint8 (N, 28, 28)
@@ -194,7 +194,7 @@ def to_float(images):
 
 
 # -----------------------------------------------------------------------------
-# 4. Models. D ends in a logit (no Sigmoid): BCEWithLogitsLoss is stable, and safe under autocast.
+# 4. [DCGAN] Models. D ends in a logit (no Sigmoid): BCEWithLogitsLoss is stable, and safe under autocast.
 # With n_classes > 0 (CONDITIONAL) both take the digit label y; with 0 they are the tutorial's DCGAN.
 class Discriminator(nn.Module):
     def __init__(self, n_classes=0):
@@ -295,7 +295,7 @@ def build_models(cfg, device):
 
 
 # -----------------------------------------------------------------------------
-# 5. Training steps. The GAN game: D learns to tell real digits from G's fakes, G learns to fool D.
+# 5. [DCGAN] Training steps. The GAN game: D learns to tell real digits from G's fakes, G learns to fool D.
 def D_train(real, G, D, D_optimizer, noise_dim, real_label=1.0, amp=False, labels=None, fake_labels=None):
     """One discriminator step: maximize log D(x) + log(1 - D(G(z))) on a real batch x and a fresh fake
     batch G(z), i.e. minimize binary cross-entropy with targets 1 (real) and 0 (fake).
@@ -400,7 +400,7 @@ def balanced_labels(n, device="cpu", start=0):
 
 
 # -----------------------------------------------------------------------------
-# 6. The training loop
+# 6. [DCGAN] The training loop: train_one_epoch and train are the loop; the rest is its bookkeeping
 TRACKED = ("d_loss", "g_loss", "d_x", "d_g_z")  # per-batch values averaged over each epoch
 QUALITY_KEYS = ("fid", "score", "min_share", "max_share", "confidence", "label_accuracy")  # see quality()
 
@@ -687,7 +687,7 @@ def finish(state, gan, cfg, judging, reason, data, fixed_noise, start_time):
 
 
 # -----------------------------------------------------------------------------
-# 7. Quality judge: a small LeNet trained on MNIST's training split. Its 128 penultimate features give a
+# 7. [measuring] Quality judge: a small LeNet trained on MNIST's training split. Its 128 penultimate features give a
 # Frechet distance between generated and real digits ("FID" with a LeNet instead of Inception), its
 # class probabilities give an Inception-style score (max 10) and which digits G draws (mode coverage).
 JUDGE_FILE = "judge_lenet_v1"  # bump the version when the judge changes: FIDs of two judges don't compare
@@ -838,7 +838,7 @@ def generate(G, n, noise_dim, device, seed, labels=None, noise=None, noise_std=1
 
 
 # -----------------------------------------------------------------------------
-# 8. Files and pictures. Every checkpoint and image is written to a temporary name, then renamed: a crash
+# 8. [files and safety] Files and pictures. Every checkpoint and image is written to a temporary name, then renamed: a crash
 # or Ctrl-C mid-write never leaves a truncated file under the real name (os.replace is atomic).
 def atomic_write(path, write):
     """write(buffer) serializes into memory; the bytes then go to `path` through atomic_file.
@@ -1063,7 +1063,7 @@ def save_interpolation(G, noise_dim, device, seed, path, rows=10, steps=10):
 
 
 # -----------------------------------------------------------------------------
-# 9. Sampling (load the generator like any plain state_dict), evaluation and the fake dataset
+# 9. [using G] Sampling (load the generator like any plain state_dict), evaluation and the fake dataset
 CHUNK = 10000  # `dataset` and `sample --png_dir` draw and write this many digits at a time (bounded memory)
 
 
@@ -1302,7 +1302,7 @@ def report_train_on_fake(G, cfg, n_train, mnist, judge, device):
 
 
 # -----------------------------------------------------------------------------
-# 10. Command line: --name=value overrides a constant above, parsed with that constant's type
+# 10. [command line] Command line: --name=value overrides a constant above, parsed with that constant's type
 def die(message, code):
     """One clear line on stderr and an exit code, no traceback."""
     print(f"error: {message}", file=sys.stderr)
