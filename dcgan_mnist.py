@@ -70,7 +70,7 @@ EMA_RAMPUP = 0.0        # > 0: the average's half-life is at most this fraction 
 MODE_SEEKING = 1.0      # conditional GAN only: reward G for drawing two different digits y from two noises (0 = off)
 # how long
 EPOCHS = 30             # passes over the data (one epoch = 70,000 images; 60,000 with MERGE_TEST=False)
-EARLY_STOPPING = 5      # stop once this many epochs have passed without improvement of SELECT_BY (checked when measured)
+EARLY_STOPPING = 5      # stop once this many epochs have passed without improvement of SELECT_BY (when measured)
 MAX_MINUTES = 28.0      # stop before an epoch that would end past this budget (0 = no limit)
 MAX_BATCHES = 0         # 0 = whole epoch; N > 0 = at most N batches per epoch (smoke runs)
 RESUME = False          # continue from <OUTPUT_DIR>/last.ckpt (the whole training state)
@@ -687,8 +687,8 @@ def finish(state, gan, cfg, judging, reason, data, fixed_noise, start_time):
 
 
 # -----------------------------------------------------------------------------
-# 7. [measuring] Quality judge: a small LeNet trained on MNIST's training split. Its 128 penultimate features give a
-# Frechet distance between generated and real digits ("FID" with a LeNet instead of Inception), its
+# 7. [measuring] Quality judge: a small LeNet trained on MNIST's training split. Its 128 penultimate features
+# give a Frechet distance between generated and real digits ("FID" with a LeNet instead of Inception), its
 # class probabilities give an Inception-style score (max 10) and which digits G draws (mode coverage).
 JUDGE_FILE = "judge_lenet_v1"  # bump the version when the judge changes: FIDs of two judges don't compare
 
@@ -752,7 +752,8 @@ def get_judge(cache_dir, mnist, device):
         return judge.eval()
     except Exception:  # missing or unreadable: train a new one
         pass
-    print(f"Training the FID judge on these {len(mnist.train_images):,} training digits (LeNet, once; cached in {path}) ...")
+    print(f"Training the FID judge on these {len(mnist.train_images):,} training digits (LeNet, once; cached in "
+          f"{path}) ...")
     judge = train_judge(mnist.train_images, mnist.train_labels, device)
     accuracy = judge_accuracy(judge, mnist.test_images, mnist.test_labels, device)
     print(f"Judge test accuracy: {accuracy:.2%}")
@@ -838,8 +839,8 @@ def generate(G, n, noise_dim, device, seed, labels=None, noise=None, noise_std=1
 
 
 # -----------------------------------------------------------------------------
-# 8. [files and safety] Files and pictures. Every checkpoint and image is written to a temporary name, then renamed: a crash
-# or Ctrl-C mid-write never leaves a truncated file under the real name (os.replace is atomic).
+# 8. [files and safety] Files and pictures. Every checkpoint and image is written to a temporary name, then
+# renamed: a crash or Ctrl-C mid-write never leaves a truncated file under the real name (os.replace is atomic).
 def atomic_write(path, write):
     """write(buffer) serializes into memory; the bytes then go to `path` through atomic_file.
     Serializing first means a full disk or a lost drive fails in one place, with its reason

@@ -29,6 +29,9 @@ SETTINGS = {  # name: overrides of the script's defaults
     "lr decay over the 2nd half, D only to 0.25": ["--lr_decay_from=0.5", "--lr_end_d=0.25"],
     "EMA 0.998 with StyleGAN2 ramp-up 0.05": ["--ema_decay=0.998", "--ema_rampup=0.05"],
     "batch 64": ["--batch_size=64"],
+    "lr 1.6e-3 both": ["--lr_d=1.6e-3", "--lr_g=1.6e-3"],
+    "Adam betas (0.5, 0.99)": ["--betas=(0.5,0.99)"],
+    "batch 64, lr 1.2e-3 both": ["--batch_size=64", "--lr_d=1.2e-3", "--lr_g=1.2e-3"],
 }
 
 
