@@ -62,11 +62,7 @@ LR_D = 8e-4             # discriminator Adam learning rate
 LR_G = 8e-4             # generator Adam learning rate
 BETAS = (0.5, 0.999)    # Adam betas for both; beta1=0.5 (DCGAN paper) keeps the two players from oscillating
 REAL_LABEL = 1.0        # target for real images in D's loss; 0.9 is "one-sided label smoothing"
-LR_DECAY_FROM = 1.0     # from this fraction of EPOCHS on, the learning rates fall linearly (1.0 = constant)
-LR_END_D = 1.0          # ... to LR_D x this at the last step of EPOCHS
-LR_END_G = 1.0          # ... and LR_G x this
 EMA_DECAY = 0.999       # we sample from a moving average of G's weights (0 = plain G)
-EMA_RAMPUP = 0.0        # > 0: the average's half-life is at most this fraction of the steps so far (StyleGAN2: 0.05)
 MODE_SEEKING = 1.0      # conditional GAN only: reward G for drawing two different digits y from two noises (0 = off)
 # how long
 EPOCHS = 30             # passes over the data (one epoch = 70,000 images; 60,000 with MERGE_TEST=False)
@@ -349,31 +345,12 @@ def pair_labels(labels):
     return torch.cat([labels[:n - n // 2], labels[:n // 2]])
 
 
-def lr_factor(step, total_steps, decay_from, end):
-    """1 until step decay_from x total_steps, then linearly down to `end` at the last step (total_steps - 1)."""
-    start = decay_from * total_steps
-    if step <= start or total_steps - 1 <= start:
-        return 1.0
-    return 1.0 + (end - 1.0) * min(1.0, (step - start) / (total_steps - 1 - start))
-
-
-def set_learning_rates(gan, cfg, step, total_steps):
-    """The learning-rate schedule (LR_DECAY_FROM, LR_END_D, LR_END_G), set before each step."""
-    for optimizer, lr, end in ((gan.D_optimizer, cfg["lr_d"], cfg["lr_end_d"]),
-                               (gan.G_optimizer, cfg["lr_g"], cfg["lr_end_g"])):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * lr_factor(step, total_steps, cfg["lr_decay_from"], end)
-
-
 @torch.no_grad()
-def ema_update(G_ema, G, decay, step, rampup=0.0):
+def ema_update(G_ema, G, decay, step):
     """G_ema <- d * G_ema + (1 - d) * G, weights only (BatchNorm statistics: refresh_bn_stats).
     d = min(decay, (1 + step) / (10 + step)): a short warm-up, so that the average does not drag the
-    random initial weights along for thousands of steps. rampup > 0 (StyleGAN2-ADA's rule): the average's
-    half-life, in steps, is at most rampup x the steps so far, so it grows with the run up to decay's."""
+    random initial weights along for thousands of steps."""
     d = min(decay, (1 + step) / (10 + step))
-    if rampup:
-        d = min(decay, 0.5 ** (1 / max(1.0, rampup * step)))
     for e, p in zip(G_ema.parameters(), G.parameters()):
         e.lerp_(p, 1.0 - d)
 
@@ -443,7 +420,6 @@ def train_one_epoch(data, gan, state, cfg, amp, n_batches):
     bar = tqdm(range(state.next_batch, n_batches), desc=f"epoch {state.epoch}", initial=state.next_batch,
                total=n_batches, leave=False)
     for i in bar:
-        set_learning_rates(gan, cfg, state.step, cfg["epochs"] * n_batches)
         idx = perm[i * bs:(i + 1) * bs]
         real = to_float(data.images[idx])
         labels = data.labels[idx] if cfg["conditional"] else None  # the digits, for a conditional GAN
@@ -460,7 +436,7 @@ def train_one_epoch(data, gan, state, cfg, amp, n_batches):
         ############################
         # (3) moving average of G: the generator we evaluate, sample and save
         ############################
-        ema_update(gan.G_ema, gan.G, cfg["ema_decay"], state.step, cfg["ema_rampup"])
+        ema_update(gan.G_ema, gan.G, cfg["ema_decay"], state.step)
         state.step += 1
         state.next_batch = i + 1
         sums += torch.stack([d_loss, g_loss, d_x, d_g_z])
@@ -1379,10 +1355,6 @@ def validate(cfg):
         ("betas", all(0 <= b < 1 for b in cfg["betas"]), "must be two numbers in [0, 1)"),
         ("real_label", 0 < cfg["real_label"] <= 1, "must be in (0, 1]"),
         ("ema_decay", 0 <= cfg["ema_decay"] < 1, "must be in [0, 1)"),
-        ("ema_rampup", 0 <= cfg["ema_rampup"] < math.inf, "must be 0 (off) or a positive number"),
-        ("lr_decay_from", 0 <= cfg["lr_decay_from"] <= 1, "must be in [0, 1]"),
-        ("lr_end_d", 0 <= cfg["lr_end_d"] <= 1, "must be in [0, 1]"),
-        ("lr_end_g", 0 <= cfg["lr_end_g"] <= 1, "must be in [0, 1]"),
         ("mode_seeking", 0 <= cfg["mode_seeking"] < math.inf, "must be 0 (off) or a positive number"),
         ("epochs", cfg["epochs"] >= 1, "must be at least 1"),
         ("early_stopping", cfg["early_stopping"] >= 1, "must be at least 1"),
