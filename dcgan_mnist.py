@@ -880,7 +880,7 @@ FIXED_ON_RESUME = ("batch_size", "noise_dim", "seed", "conditional", "merge_test
 
 def resume_settings(cfg, given, saved_cfg):
     """A resumed run keeps the saved run's settings, except those given on this command line: each
-    change is applied and printed ("lr_g: 0.0008 -> 0.0001"); FIXED_ON_RESUME ones must match (exit 2)."""
+    change is applied and printed ("lr_g: 0.0016 -> 0.0001"); FIXED_ON_RESUME ones must match (exit 2)."""
     merged = {**cfg, **{k: v for k, v in saved_cfg.items() if k in cfg}}
     merged.update(output_dir=cfg["output_dir"], resume=True)  # where the run is now
     if "device" not in given and device_problem(merged["device"]):  # the device belongs to the machine

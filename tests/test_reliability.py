@@ -160,7 +160,7 @@ def test_resume_applies_and_prints_changed_settings_and_keeps_the_saved_ones(tmp
     result = run_main("--resume", "--epochs=2", "--lr_g=1e-4", "--betas=(0.6, 0.99)", f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    for line in ("epochs: 1 -> 2", "lr_g: 0.0008 -> 0.0001", "betas: (0.5, 0.999) -> (0.6, 0.99)"):
+    for line in ("epochs: 1 -> 2", f"lr_g: {dm.LR_G!r} -> 0.0001", "betas: (0.5, 0.999) -> (0.6, 0.99)"):
         assert line in lines, result.stdout
     assert not [l for l in lines if l.startswith(("lr_d:", "batch_size:", "data_dir:"))]
     ckpt = torch.load(os.path.join(out, "last.ckpt"), weights_only=True)
@@ -168,7 +168,7 @@ def test_resume_applies_and_prints_changed_settings_and_keeps_the_saved_ones(tmp
     config = ckpt["config"]
     assert (config["lr_g"], config["lr_d"], config["betas"]) == (1e-4, 4e-4, (0.6, 0.99))
     assert (config["batch_size"], config["max_batches"], config["data_dir"]) == (32, 20, DATA_DIR)
-    # the restored optimizers trained with the new settings (their saved param groups would say 8e-4)
+    # the restored optimizers trained with the new settings (their saved param groups would say 1.6e-3)
     assert [g["lr"] for g in ckpt["G_optimizer"]["param_groups"]] == [1e-4]
     assert [g["lr"] for g in ckpt["D_optimizer"]["param_groups"]] == [4e-4]
     assert [tuple(g["betas"]) for g in ckpt["G_optimizer"]["param_groups"]] == [(0.6, 0.99)]
