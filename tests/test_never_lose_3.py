@@ -5,7 +5,6 @@ import shutil
 import signal
 
 import numpy as np
-import pytest
 import torch
 import torchvision
 
