@@ -79,7 +79,7 @@ SAMPLE_EVERY = 1        # save an 8x8 grid of the fixed noise every N epochs (an
 CACHE_DIR = "~/.cache/dcgan_mnist"  # the judge classifier used for FID, trained once and reused
 # fake dataset
 DATASET_NOISE = 2.0     # noise std for `dataset` and train-on-fake (training uses 1): wider noise draws rarer digits
-DATASET_FILTER = 0.5    # conditional G: `dataset` draws 3x, keeps digits the judge reads as asked with this probability (0: all)
+DATASET_FILTER = 0.5    # conditional G: `dataset` draws 3x, keeps digits the judge reads as asked with p >= this (0: all)
 # system
 SEED = 0                # seeds python, numpy and torch: the same seed gives the same run on CPU
 DEVICE = "auto"         # "auto" picks cuda, then mps, then cpu; or "cpu", "cuda", "cuda:1", "mps"
