@@ -688,15 +688,22 @@ def train_judge(train_x, train_y, device, epochs=3, seed=0):
     with torch.random.fork_rng(devices=[]):  # own seed; leaves the GAN's random streams alone
         torch.manual_seed(seed)
         judge = Judge().to(device)
-        opt = torch.optim.Adam(judge.parameters(), lr=1e-3)
-        for epoch in range(epochs):
-            perm = torch.randperm(len(train_x))
-            for idx in tqdm(perm.split(128), desc=f"judge epoch {epoch + 1}/{epochs}", leave=False):
-                loss = F.cross_entropy(judge(to_float(train_x[idx].to(device))), train_y[idx].to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-    return judge.eval()
+        return fit_classifier(judge, torch.optim.Adam(judge.parameters(), lr=1e-3), train_x, train_y, device,
+                              epochs, "judge")
+
+
+def fit_classifier(model, opt, train_x, train_y, device, epochs, name, schedule=None):
+    """Minibatches of 128 in a new random order each epoch, cross-entropy; the model in eval mode."""
+    for epoch in range(epochs):
+        perm = torch.randperm(len(train_x))
+        for idx in tqdm(perm.split(128), desc=f"{name} epoch {epoch + 1}/{epochs}", leave=False):
+            loss = F.cross_entropy(model(to_float(train_x[idx].to(device))), train_y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if schedule:
+                schedule.step()
+    return model.eval()
 
 
 @torch.no_grad()
@@ -787,15 +794,7 @@ def train_reader(name, seed=1):
             opt = r.optimizer(model.parameters())
             steps = r.epochs * math.ceil(len(train_x) / 128)
             schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
-            for epoch in range(r.epochs):
-                perm = torch.randperm(len(train_x))
-                for idx in tqdm(perm.split(128), desc=f"{name} epoch {epoch + 1}/{r.epochs}", leave=False):
-                    loss = F.cross_entropy(model(to_float(train_x[idx].to(device))), train_y[idx].to(device))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    schedule.step()
-        return model.eval()
+            return fit_classifier(model, opt, train_x, train_y, device, r.epochs, name, schedule)
     return train
 
 
