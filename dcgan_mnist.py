@@ -79,7 +79,7 @@ SAMPLE_EVERY = 1        # save an 8x8 grid of the fixed noise every N epochs (an
 CACHE_DIR = "~/.cache/dcgan_mnist"  # the judge classifier used for FID, trained once and reused
 # fake dataset
 DATASET_NOISE = 2.0     # noise std for `dataset` and train-on-fake (training uses 1): wider noise draws rarer digits
-DATASET_FILTER = 0.5    # conditional G: `dataset` draws 3x, keeps digits the judge reads as asked with p >= this (0: all)
+DATASET_FILTER = 0.5    # conditional G: `dataset` draws 3x, keeps digits the judge reads as asked, p >= this (0: all)
 # system
 SEED = 0                # seeds python, numpy and torch: the same seed gives the same run on CPU
 DEVICE = "auto"         # "auto" picks cuda, then mps, then cpu; or "cpu", "cuda", "cuda:1", "mps"
@@ -739,7 +739,8 @@ def get_judge(cache_dir, mnist, device, reader=None):
         pass
     what = "the FID judge (LeNet" if reader is None else f"the outside reader {reader} ({READERS[reader].about}"
     print(f"Training {what}) on these {len(mnist.train_images):,} training digits (once; cached in {path}) ...")
-    judge = (train_judge if reader is None else train_reader(reader))(mnist.train_images, mnist.train_labels, device)
+    x, y = mnist.train_images, mnist.train_labels
+    judge = train_judge(x, y, device) if reader is None else train_reader(reader, x, y, device)
     accuracy = judge_accuracy(judge, mnist.test_images, mnist.test_labels, device)
     print(f"Its test accuracy: {accuracy:.2%}")
     try:
@@ -782,20 +783,17 @@ READERS = {  # name: a family unlike the judge's LeNet, and a recipe unlike trai
 }
 
 
-def train_reader(name, seed=1):
-    """A function that trains reader `name` on (images, labels, device). The learning rate falls linearly to 0
-    over the run; the seed differs from the judge's."""
+def train_reader(name, train_x, train_y, device, seed=1):
+    """Reader `name` trained its own way on these labeled uint8 digits: its optimizer for its epochs, the
+    learning rate falling linearly to 0 over the run, and a seed other than the judge's."""
     r = READERS[name]
-
-    def train(train_x, train_y, device):
-        with torch.random.fork_rng(devices=[]):  # own seed; leaves the GAN's random streams alone
-            torch.manual_seed(seed)
-            model = r.build().to(device)
-            opt = r.optimizer(model.parameters())
-            steps = r.epochs * math.ceil(len(train_x) / 128)
-            schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
-            return fit_classifier(model, opt, train_x, train_y, device, r.epochs, name, schedule)
-    return train
+    with torch.random.fork_rng(devices=[]):  # own seed; leaves the GAN's random streams alone
+        torch.manual_seed(seed)
+        model = r.build().to(device)
+        opt = r.optimizer(model.parameters())
+        steps = r.epochs * math.ceil(len(train_x) / 128)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
+        return fit_classifier(model, opt, train_x, train_y, device, r.epochs, name, schedule)
 
 
 @torch.no_grad()
@@ -1268,14 +1266,18 @@ def dataset_source(G, cfg):
     if not G.n_classes:
         return "labels: the judge's reading of each digit"
     min_p = cfg["dataset_filter"]
-    return "labels: the digits G was asked for" + (f", kept where the judge reads them (p >= {min_p:g})" if min_p else "")
+    kept = f", kept where the judge reads them (p >= {min_p:g})" if min_p else ""
+    return "labels: the digits G was asked for" + kept
 
 
 def train_on_fake_accuracy(images, labels, mnist, device, reader=None):
     """Train on synthetic, test on real: a fresh classifier trained on these labeled uint8 digits, its accuracy
     on the 10,000 real test digits. reader: one of READERS, trained its own way (train_reader); None: the
     judge's architecture trained the judge's way (train_judge), only fair for a set the judge did not build."""
-    classifier = (train_judge if reader is None else train_reader(reader))(images, labels, device)
+    if reader is None:
+        classifier = train_judge(images, labels, device)
+    else:
+        classifier = train_reader(reader, images, labels, device)
     return judge_accuracy(classifier, mnist.test_images, mnist.test_labels, device)
 
 
@@ -1330,17 +1332,19 @@ def report_train_on_fake(G, cfg, n_train, mnist, judge, device):
                                    cfg["dataset_filter"])
     print(f"train on {n_train:,} generated digits ({dataset_source(G, cfg)}, noise std {cfg['dataset_noise']:g}), "
           f"test on the 10,000 real test digits; each reader had no part in building the set")
-    print(f"{'reader':<10} {'trained on real':>15} {'on generated':>13} {'gap':>7} {'reads the generated as labeled':>31}")
+    print(f"{'reader':<10} {'trained on real':>15} {'on generated':>13} {'gap':>7} "
+          f"{'reads the generated as labeled':>31}")
     misread = []
     for name in READERS:
         on_real = get_judge(cfg["cache_dir"], mnist, device, reader=name)
-        on_fake = train_reader(name)(images, labels, device)
+        on_fake = train_reader(name, images, labels, device)
         fake_misread, real_misread = (misread_by_digit(c, mnist.test_images, mnist.test_labels, device)
                                       for c in (on_fake, on_real))
         fake_acc, real_acc = (1 - sum(m) / len(mnist.test_labels) for m in (fake_misread, real_misread))
         agree = 1 - sum(misread_by_digit(on_real, images, labels, device)) / len(labels)
         print(f"{name:<10} {real_acc:15.2%} {fake_acc:13.2%} {100 * (fake_acc - real_acc):+7.2f} {agree:31.2%}")
-        misread += [(f"{name} trained on generated digits", fake_misread), (f"{name} trained on real digits", real_misread)]
+        misread += [(f"{name} trained on generated digits", fake_misread),
+                    (f"{name} trained on real digits", real_misread)]
     print("(gap: points of real test accuracy lost by training on generated digits instead of real ones)")
     print_by_digit("real test digits read wrong, per digit", misread, "6d")
 
