@@ -72,7 +72,7 @@ MAX_BATCHES = 0         # 0 = whole epoch; N > 0 = at most N batches per epoch (
 RESUME = False          # continue from <OUTPUT_DIR>/last.ckpt (the whole training state)
 # quality
 SELECT_BY = "fid"       # what G_model.ckpt and early stopping follow: "fid" or "g_loss" (the tutorial's)
-MIN_DELTA = 0.03        # SELECT_BY improves only when 3% below its last improvement (FID's noise: ~0.1-0.2 of 5)
+MIN_DELTA = 0.03        # SELECT_BY improves only when 3% below its last improvement (a dip of noise is not one)
 EVAL_EVERY = 1          # compute FID every N epochs (0 = never; smoke runs skip it unless given)
 EVAL_SAMPLES = 10000    # generated images per FID evaluation (compared with the 10,000 test images)
 SAMPLE_EVERY = 1        # save an 8x8 grid of the fixed noise every N epochs (and after the last)
@@ -737,8 +737,8 @@ def get_judge(cache_dir, mnist, device, reader=None):
         return judge.eval()
     except Exception:  # missing or unreadable: train a new one
         pass
-    what = "the FID judge (LeNet" if reader is None else f"the outside reader {reader} ({READERS[reader].about}"
-    print(f"Training {what}) on these {len(mnist.train_images):,} training digits (once; cached in {path}) ...")
+    what = "the FID judge (LeNet)" if reader is None else f"the outside reader {reader} ({READERS[reader].about})"
+    print(f"Training {what} on these {len(mnist.train_images):,} training digits (once; cached in {path}) ...")
     x, y = mnist.train_images, mnist.train_labels
     judge = train_judge(x, y, device) if reader is None else train_reader(reader, x, y, device)
     accuracy = judge_accuracy(judge, mnist.test_images, mnist.test_labels, device)
