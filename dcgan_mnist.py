@@ -65,6 +65,7 @@ REAL_LABEL = 1.0        # target for real images in D's loss; 0.9 is "one-sided 
 EMA_DECAY = 0.999       # we sample from a moving average of G's weights (0 = plain G)
 MODE_SEEKING = 1.0      # conditional GAN only: reward G for drawing two different digits y from two noises (0 = off)
 CLASS_WEIGHT = 0.0      # conditional GAN only: D also learns to read real digits; G is paid to be read as asked (0 = off)
+CLASS_NOISE = 0.0       # >0: that term is on extra fakes drawn with this noise std (`dataset`'s wide noise); 0: on G's batch
 # how long
 EPOCHS = 10             # passes over the data (one epoch = 70,000 images; 60,000 with MERGE_TEST=False)
 EARLY_STOPPING = 5      # stop once this many epochs have passed without improvement of SELECT_BY (when measured)
@@ -326,7 +327,7 @@ def D_train(real, G, D, D_optimizer, noise_dim, real_label=1.0, amp=False, label
     return loss.detach(), fake, d_x, d_g_z
 
 
-def G_train(fake, D, G_optimizer, amp=False, labels=None, mode_seeking=0.0, class_weight=0.0):
+def G_train(fake, D, G_optimizer, amp=False, labels=None, mode_seeking=0.0, class_weight=0.0, wide=None):
     """One generator step: maximize log D(G(z)), i.e. BCE with target 1 ("real") on the fake batch.
     This is the non-saturating loss of the GAN paper: minimizing log(1 - D(G(z))) instead would give G
     almost no gradient early on, when D rejects its fakes easily. Returns that loss.
@@ -338,6 +339,8 @@ def G_train(fake, D, G_optimizer, amp=False, labels=None, mode_seeking=0.0, clas
     D.requires_grad_(False)  # gradients flow through D to G, but D's own weight gradients are not needed
     with torch.autocast(fake.device.type, dtype=torch.bfloat16, enabled=amp):
         out, classes = D(fake, labels, with_classes=True) if class_weight else (D(fake, labels), None)
+        if class_weight and wide is not None:  # the class term on the wide-noise fakes instead
+            classes = D(wide, labels, with_classes=True)[1]
         loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
         total = loss + class_weight * F.cross_entropy(classes, labels) if class_weight else loss
     if mode_seeking and len(fake) > 1:  # pairs: fake i and n - n//2 + i show one digit from two noises
@@ -349,6 +352,17 @@ def G_train(fake, D, G_optimizer, amp=False, labels=None, mode_seeking=0.0, clas
     G_optimizer.step()
     D.requires_grad_(True)
     return loss.detach()
+
+
+def draw_wide(G, labels, noise_dim, std, amp):
+    """Fakes drawn with wide noise as `dataset` draws them, with G's graph (for the class term).
+    G in eval mode: BatchNorm's batch statistics would normalize the wider noise away."""
+    G.eval()
+    z = std * torch.randn(len(labels), noise_dim, 1, 1, device=labels.device)
+    with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=amp):
+        wide = G(z, labels)
+    G.train()
+    return wide
 
 
 def pair_labels(labels):
@@ -446,7 +460,10 @@ def train_one_epoch(data, gan, state, cfg, amp, n_batches):
         ############################
         # (2) Update G network: maximize log(D(G(z))) (+ the mode-seeking term, conditional GAN)
         ############################
-        g_loss = G_train(fake, gan.D, gan.G_optimizer, amp, fake_labels, mode_seeking, class_weight)
+        wide = None
+        if class_weight and cfg["class_noise"]:
+            wide = draw_wide(gan.G, fake_labels, cfg["noise_dim"], cfg["class_noise"], amp)
+        g_loss = G_train(fake, gan.D, gan.G_optimizer, amp, fake_labels, mode_seeking, class_weight, wide)
         ############################
         # (3) moving average of G: the generator we evaluate, sample and save
         ############################
