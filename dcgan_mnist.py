@@ -64,8 +64,6 @@ BETAS = (0.5, 0.999)    # Adam betas for both; beta1=0.5 (DCGAN paper) keeps the
 REAL_LABEL = 1.0        # target for real images in D's loss; 0.9 is "one-sided label smoothing"
 EMA_DECAY = 0.999       # we sample from a moving average of G's weights (0 = plain G)
 MODE_SEEKING = 1.0      # conditional GAN only: reward G for drawing two different digits y from two noises (0 = off)
-CLASS_WEIGHT = 0.0      # conditional GAN only: D also learns to read real digits; G is paid to be read as asked (0 = off)
-CLASS_NOISE = 0.0       # >0: that term is on extra fakes drawn with this noise std (`dataset`'s wide noise); 0: on G's batch
 # how long
 EPOCHS = 10             # passes over the data (one epoch = 70,000 images; 60,000 with MERGE_TEST=False)
 EARLY_STOPPING = 5      # stop once this many epochs have passed without improvement of SELECT_BY (when measured)
@@ -195,7 +193,7 @@ def to_float(images):
 # 4. [DCGAN] Models. D ends in a logit (no Sigmoid): BCEWithLogitsLoss is stable, and safe under autocast.
 # With n_classes > 0 (CONDITIONAL) both take the digit label y; with 0 they are the tutorial's DCGAN.
 class Discriminator(nn.Module):
-    def __init__(self, n_classes=0, class_head=False):
+    def __init__(self, n_classes=0):
         super().__init__()
         self.n_classes = n_classes
         self.main = nn.Sequential(
@@ -220,19 +218,13 @@ class Discriminator(nn.Module):
             # alone. Against 10 label maps on D's input it read right more often and trained a better
             # classifier (benchmarks/conditional.py; README).
             self.embed = nn.Embedding(n_classes, 256 * 4 * 4)
-        if class_head:
-            # CLASS_WEIGHT > 0: a digit classifier on D's last features (ACGAN, Odena et al. 2017), trained
-            # on real digits only. G is paid when it reads G's digit as the one asked for (see G_train).
-            self.classify = nn.Linear(256 * 4 * 4, n_classes)
 
-    def forward(self, x, y=None, with_classes=False):
-        """D's logit "real" for x (and label y); with_classes: also the class head's 10 digit logits."""
+    def forward(self, x, y=None):
         if not self.n_classes:
             return self.main(x)
         h = self.main[:-1](x)  # state size. (256) x 4 x 4
         projection = (self.embed(y) * h.flatten(1)).sum(1)
-        logit = self.main[-1](h) + projection.view(-1, 1, 1, 1)
-        return (logit, self.classify(h.flatten(1))) if with_classes else logit
+        return self.main[-1](h) + projection.view(-1, 1, 1, 1)
 
 
 class Generator(nn.Module):
@@ -283,7 +275,7 @@ def build_models(cfg, device):
     """G and D (DCGAN init), the averaged copy of G that we sample from, and two separate Adams."""
     n_classes = N_CLASSES if cfg["conditional"] else 0
     G = Generator(cfg["noise_dim"], n_classes).to(device)
-    D = Discriminator(n_classes, class_head=n_classes > 0 and cfg["class_weight"] > 0).to(device)
+    D = Discriminator(n_classes).to(device)
     G.apply(weights_init)
     D.apply(weights_init)
     if use_channels_last(device, cfg["channels_last"]):
@@ -300,69 +292,50 @@ def build_models(cfg, device):
 
 # -----------------------------------------------------------------------------
 # 5. [DCGAN] Training steps. The GAN game: D learns to tell real digits from G's fakes, G learns to fool D.
-def D_train(real, G, D, D_optimizer, noise_dim, real_label=1.0, amp=False, labels=None, fake_labels=None,
-            class_weight=0.0):
+def D_train(real, G, D, D_optimizer, noise_dim, real_label=1.0, amp=False, labels=None, fake_labels=None):
     """One discriminator step: maximize log D(x) + log(1 - D(G(z))) on a real batch x and a fresh fake
     batch G(z), i.e. minimize binary cross-entropy with targets 1 (real) and 0 (fake).
     The fake is detached for D's loss: this step must update D only, and back-propagating into G here
     would be wasted work. Returns (loss, fake, D(x), D(G(z))): the fake still carries G's graph, so
     G_train reuses it instead of running G twice; D(x) and D(G(z)) are D's mean probabilities of "real".
     Conditional GAN: `labels` are the real batch's digits, D judges (image, label) pairs; G draws
-    `fake_labels` (default: the same digits; see pair_labels). class_weight > 0: D's class head also
-    learns to read the real digits (cross-entropy with their labels, times class_weight)."""
+    `fake_labels` (default: the same digits; see pair_labels)."""
     fake_labels = labels if fake_labels is None else fake_labels
     z = torch.randn(real.shape[0], noise_dim, 1, 1, device=real.device)
     with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=amp):
         fake = G(z, fake_labels)
-        out_real, classes = D(real, labels, with_classes=True) if class_weight else (D(real, labels), None)
+        out_real = D(real, labels)
         out_fake = D(fake.detach(), fake_labels)  # detach: D's loss must not backpropagate into G
         loss = (F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, real_label))
                 + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake)))
-        # the class head learns from real digits only: what a real 7 looks like, not what G draws
-        total = loss + class_weight * F.cross_entropy(classes, labels) if class_weight else loss
     D_optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    loss.backward()
     D_optimizer.step()
     d_x, d_g_z = (torch.sigmoid(out.detach().float()).mean() for out in (out_real, out_fake))
     return loss.detach(), fake, d_x, d_g_z
 
 
-def G_train(fake, D, G_optimizer, amp=False, labels=None, mode_seeking=0.0, class_weight=0.0, wide=None):
+def G_train(fake, D, G_optimizer, amp=False, labels=None, mode_seeking=0.0):
     """One generator step: maximize log D(G(z)), i.e. BCE with target 1 ("real") on the fake batch.
     This is the non-saturating loss of the GAN paper: minimizing log(1 - D(G(z))) instead would give G
     almost no gradient early on, when D rejects its fakes easily. Returns that loss.
     mode_seeking > 0 (conditional GAN, fakes drawn in pairs by pair_labels): also maximize how far apart
     the two digits of each pair are (Mao et al. 2019, "Mode seeking GANs"). A conditional G tends to
-    ignore z, because the label already tells it what to draw; then every 7 looks alike.
-    class_weight > 0: also minimize the cross-entropy of D's class head on the fakes and their labels, so
-    that G draws digits that read as the one asked for, even with wide noise (`dataset`)."""
+    ignore z, because the label already tells it what to draw; then every 7 looks alike."""
     D.requires_grad_(False)  # gradients flow through D to G, but D's own weight gradients are not needed
     with torch.autocast(fake.device.type, dtype=torch.bfloat16, enabled=amp):
-        out, classes = D(fake, labels, with_classes=True) if class_weight else (D(fake, labels), None)
-        if class_weight and wide is not None:  # the class term on the wide-noise fakes instead
-            classes = D(wide, labels, with_classes=True)[1]
+        out = D(fake, labels)
         loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
-        total = loss + class_weight * F.cross_entropy(classes, labels) if class_weight else loss
+    total = loss
     if mode_seeking and len(fake) > 1:  # pairs: fake i and n - n//2 + i show one digit from two noises
         n, half = len(fake), len(fake) // 2
         distance = (fake[:half] - fake[n - half:]).float().abs().mean()  # mean pixel difference, 0 to 2
-        total = total + mode_seeking / (distance + 1e-5)  # large when the pairs look alike
+        total = loss + mode_seeking / (distance + 1e-5)  # large when the pairs look alike
     G_optimizer.zero_grad(set_to_none=True)
     total.backward()
     G_optimizer.step()
     D.requires_grad_(True)
     return loss.detach()
-
-
-def draw_wide(G, labels, noise_dim, std, amp):
-    """Fakes drawn with wide noise as `dataset` draws them, with G's graph (for the class term).
-    G in eval mode: BatchNorm's batch statistics would normalize the wider noise away."""
-    G.eval()
-    z = std * torch.randn(len(labels), noise_dim, 1, 1, device=labels.device)
-    with torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=amp):
-        wide = G(z, labels)
-    G.train()
-    return wide
 
 
 def pair_labels(labels):
@@ -443,8 +416,7 @@ def train_one_epoch(data, gan, state, cfg, amp, n_batches):
         state.perm = torch.randperm(len(data.images))
     perm = state.perm.to(device)
     sums = torch.tensor(state.sums, device=device)  # summed on the device: see the sync note below
-    mode_seeking = cfg["mode_seeking"] if cfg["conditional"] else 0.0  # a conditional GAN's terms
-    class_weight = cfg["class_weight"] if cfg["conditional"] else 0.0
+    mode_seeking = cfg["mode_seeking"] if cfg["conditional"] else 0.0  # a conditional GAN's term
     bar = tqdm(range(state.next_batch, n_batches), desc=f"epoch {state.epoch}", initial=state.next_batch,
                total=n_batches, leave=False)
     for i in bar:
@@ -456,14 +428,11 @@ def train_one_epoch(data, gan, state, cfg, amp, n_batches):
         # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
         ############################
         d_loss, fake, d_x, d_g_z = D_train(real, gan.G, gan.D, gan.D_optimizer, cfg["noise_dim"],
-                                           cfg["real_label"], amp, labels, fake_labels, class_weight)
+                                           cfg["real_label"], amp, labels, fake_labels)
         ############################
         # (2) Update G network: maximize log(D(G(z))) (+ the mode-seeking term, conditional GAN)
         ############################
-        wide = None
-        if class_weight and cfg["class_noise"]:
-            wide = draw_wide(gan.G, fake_labels, cfg["noise_dim"], cfg["class_noise"], amp)
-        g_loss = G_train(fake, gan.D, gan.G_optimizer, amp, fake_labels, mode_seeking, class_weight, wide)
+        g_loss = G_train(fake, gan.D, gan.G_optimizer, amp, fake_labels, mode_seeking)
         ############################
         # (3) moving average of G: the generator we evaluate, sample and save
         ############################
@@ -961,7 +930,7 @@ def read_training_state(path):
 
 
 # They define what the saved weights and random streams mean: a resumed run cannot change them.
-FIXED_ON_RESUME = ("batch_size", "noise_dim", "seed", "conditional", "merge_test", "class_weight")
+FIXED_ON_RESUME = ("batch_size", "noise_dim", "seed", "conditional", "merge_test")
 
 
 def resume_settings(cfg, given, saved_cfg):
@@ -1458,7 +1427,6 @@ def validate(cfg):
         ("real_label", 0 < cfg["real_label"] <= 1, "must be in (0, 1]"),
         ("ema_decay", 0 <= cfg["ema_decay"] < 1, "must be in [0, 1)"),
         ("mode_seeking", 0 <= cfg["mode_seeking"] < math.inf, "must be 0 (off) or a positive number"),
-        ("class_weight", 0 <= cfg["class_weight"] < math.inf, "must be 0 (off) or a positive number"),
         ("epochs", cfg["epochs"] >= 1, "must be at least 1"),
         ("early_stopping", cfg["early_stopping"] >= 1, "must be at least 1"),
         ("min_delta", 0 <= cfg["min_delta"] < 1, "must be in [0, 1)"),

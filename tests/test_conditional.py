@@ -71,36 +71,6 @@ def test_mode_seeking_term_pushes_two_digits_of_one_label_apart():
     assert distances[1.0] > 1.5 * distances[0.0], distances
 
 
-def test_class_head_learns_real_digits_and_pays_G_to_draw_the_digit_asked_for(mnist):
-    """CLASS_WEIGHT: D_train teaches D's class head to read real digits (well above chance after a few
-    steps); G_train with the term moves G's digits towards being read as their labels by that head,
-    more than the adversarial loss alone does from the same start. Without the term D has no head."""
-    torch.manual_seed(0)
-    D = dm.Discriminator(10, class_head=True).apply(dm.weights_init)
-    G = dm.Generator(100, 10).apply(dm.weights_init)
-    d_opt = torch.optim.Adam(D.parameters(), lr=2e-3, betas=(0.5, 0.999))
-    x, y = dm.to_float(mnist.train_images[:1024]), mnist.train_labels[:1024]
-    for i in range(0, 1024, 64):
-        dm.D_train(x[i:i + 64], G, D, d_opt, 100, labels=y[i:i + 64], class_weight=1.0)
-    D.eval().requires_grad_(False)
-    with torch.no_grad():
-        read = D(dm.to_float(mnist.test_images[:500]), mnist.test_labels[:500], with_classes=True)[1]
-    assert (read.argmax(1) == mnist.test_labels[:500]).float().mean() > 0.5  # chance: 0.1
-    misread = {}
-    for weight in (0.0, 1.0):
-        torch.manual_seed(1)
-        G_copy = dm.Generator(100, 10).apply(dm.weights_init)
-        opt = torch.optim.Adam(G_copy.parameters(), lr=2e-3, betas=(0.5, 0.999))
-        z, labels = torch.randn(64, 100, 1, 1), torch.arange(64) % 10
-        for _ in range(10):
-            dm.G_train(G_copy(z, labels), D, opt, labels=labels, class_weight=weight)
-        with torch.no_grad():
-            classes = D(G_copy(z, labels), labels, with_classes=True)[1]
-        misread[weight] = nn.functional.cross_entropy(classes, labels).item()
-    assert misread[1.0] < 0.5 * misread[0.0], misread
-    assert not hasattr(dm.Discriminator(10), "classify")
-
-
 def test_merge_test_false_trains_on_the_60000_training_digits_only(mnist):
     for merge, n in ((True, 70000), (False, 60000)):
         data = dm.setup_training(config(merge_test=merge, eval_every=0), (), None, CPU)[0]

@@ -302,7 +302,6 @@ def test_nan_weights_stop_with_exit_3_and_keep_the_good_checkpoints(smoke_out, t
     ("--select_by=loss", "--select_by"), ("--max_minutes=-1", "--max_minutes"),
     ("--ema_decay=1", "--ema_decay"), ("--eval_samples=10", "--eval_samples"),
     ("--dataset_filter=1", "--dataset_filter"), ("--dataset_filter=-0.5", "--dataset_filter"),
-    ("--class_weight=-1", "--class_weight"),
 ])
 def test_bad_hyperparameters_exit_2_before_loading_data(arg, needle, tmp_path, capsys):
     # data_dir does not exist: a check that ran after data loading would exit 1 instead
