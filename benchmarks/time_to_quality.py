@@ -38,6 +38,7 @@ SETTINGS = {  # name: overrides of the script's defaults
     "lr 1.6e-3 both, Adam betas (0.5, 0.99)": ["--lr_d=1.6e-3", "--lr_g=1.6e-3", "--betas=(0.5,0.99)"],
     "lr 1.6e-3 both, one-sided label smoothing 0.9": ["--lr_d=1.6e-3", "--lr_g=1.6e-3", "--real_label=0.9"],
     "lr 1.6e-3 for G, 1.2e-3 for D": ["--lr_d=1.2e-3", "--lr_g=1.6e-3"],
+    "lr 1.6e-3 for G, 2.4e-3 for D": ["--lr_d=2.4e-3", "--lr_g=1.6e-3"],
 }
 
 
