@@ -63,7 +63,7 @@ LR_G = 1.6e-3           # generator Adam learning rate
 BETAS = (0.5, 0.999)    # Adam betas for both; beta1=0.5 (DCGAN paper) keeps the two players from oscillating
 REAL_LABEL = 1.0        # target for real images in D's loss; 0.9 is "one-sided label smoothing"
 EMA_DECAY = 0.999       # we sample from a moving average of G's weights (0 = plain G)
-MODE_SEEKING = 1.0      # conditional GAN only: reward G for drawing two different digits y from two noises (0 = off)
+MODE_SEEKING = 2.0      # conditional GAN only: reward G for two different digits y from two noises (0 = off; 2 beat 1)
 # how long
 EPOCHS = 10             # passes over the data (one epoch = 70,000 images; 60,000 with MERGE_TEST=False)
 EARLY_STOPPING = 5      # stop once this many epochs have passed without improvement of SELECT_BY (when measured)
