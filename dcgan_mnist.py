@@ -1168,7 +1168,7 @@ def judge_filter(probs, asked, n, seed, min_p=0.5):
     """Indices of n of the drawn digits, each digit n/10 times (+-1): first those the judge reads as the
     digit asked for with probability >= min_p, at random among them (keeping G's variety, not only its
     clearest digits); only if too few of a digit pass, the ones the judge finds likeliest to be it (a weak
-    G still gives n). A stricter min_p (0.999) keeps digits that other classifiers read as labeled too (99.5%
+    G still gives n). A stricter min_p (0.999) keeps digits that other classifiers read as labeled too (99.3%+
     instead of 92%), but drops the hard ones near the decision boundaries: train-on-fake falls further
     behind (docs/results.md, "The fake MNIST")."""
     p_asked = torch.from_numpy(probs)[torch.arange(len(asked)), asked]
