@@ -179,7 +179,7 @@ def test_patience_is_counted_in_epochs_when_fid_is_measured_every_2(tmp_path, ju
     real_quality = dm.quality
     monkeypatch.setattr(dm, "quality", lambda *a, **k: {**real_quality(*a, **k), "fid": next(fids)})
     history = dm.train(config(epochs=20, early_stopping=5, eval_every=2, eval_samples=100, max_batches=1,
-                              batch_size=16, cache_dir=judge_cache, output_dir=str(tmp_path / "run")),
+                              eval_draws=1, batch_size=16, cache_dir=judge_cache, output_dir=str(tmp_path / "run")),
                        given={"eval_every"})
     # 6 epochs after the best at epoch 2, at the first FID measured: epoch 8 (not 5 evaluations: epoch 12)
     assert history["epoch"] == list(range(1, 9))
