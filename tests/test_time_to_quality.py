@@ -23,14 +23,14 @@ def test_fid_for_selection_is_the_mean_of_eval_draws_and_its_first_draw_is_the_s
     """measure(): EVAL_DRAWS draws from one stream, averaged. With 1 draw it is the FID of that draw alone;
     with 2, the mean of it and the next draw of the same stream, and the two differ (they are other digits)."""
     torch.manual_seed(0)
-    G = dm.Generator(dm.NOISE_DIM).apply(dm.weights_init).eval()
-    ref_stats, floor = dm.reference_stats(judge, mnist, torch.device("cpu"))
-    judging = dm.Judging(1, "fid", judge, ref_stats, floor)
     cpu = torch.device("cpu")
+    G = dm.Generator(dm.NOISE_DIM).apply(dm.weights_init).eval()
+    ref_stats, floor = dm.reference_stats(judge, mnist, cpu)
+    judging = dm.Judging(1, "fid", judge, ref_stats, floor)
     one, two = (dm.measure(G, config(eval_samples=300, eval_draws=n), judging, cpu) for n in (1, 2))
     gen = dm.rng(dm.SEED + dm.SEED_OFFSET_EVAL)
-    fids = [dm.quality(*dm.judge_outputs(judge, dm.generate(G, 300, dm.NOISE_DIM, cpu, seed=gen), cpu), ref_stats)["fid"]
-            for _ in range(2)]
+    fids = [dm.quality(*dm.judge_outputs(judge, dm.generate(G, 300, dm.NOISE_DIM, cpu, seed=gen), cpu),
+                       ref_stats)["fid"] for _ in range(2)]
     assert fids[0] != fids[1]
     assert one["fid"] == fids[0]
     assert two["fid"] == (fids[0] + fids[1]) / 2
