@@ -81,6 +81,7 @@ CACHE_DIR = "~/.cache/dcgan_mnist"  # the judge classifier used for FID, trained
 # fake dataset
 DATASET_NOISE = 2.0     # noise std for `dataset` and train-on-fake (training uses 1): wider noise draws rarer digits
 DATASET_FILTER = 0.5    # conditional G: `dataset` draws 3x, keeps digits the judge reads as asked, p >= this (0: all)
+DATASET_AGREE = 0.9     # ... and that a second builder, a ResNet, also reads as asked, p >= this (0: the judge alone)
 # system
 SEED = 0                # seeds python, numpy and torch: the same seed gives the same run on CPU
 DEVICE = "auto"         # "auto" picks cuda, then mps, then cpu; or "cpu", "cuda", "cuda:1", "mps"
@@ -740,7 +741,7 @@ def judge_path(cache_dir, mnist, name=JUDGE_FILE):
 def get_judge(cache_dir, mnist, device, reader=None):
     """Load the judge (or the outside reader named `reader`) cached for these training digits, or train it
     (once per data and cache folder) and cache it."""
-    name, build = (JUDGE_FILE, Judge) if reader is None else (READERS[reader].file, READERS[reader].build)
+    name, build = (JUDGE_FILE, Judge) if reader is None else (CLASSIFIERS[reader].file, CLASSIFIERS[reader].build)
     path = judge_path(cache_dir, mnist, name)
     judge = build().to(device)
     try:
@@ -748,7 +749,7 @@ def get_judge(cache_dir, mnist, device, reader=None):
         return judge.eval()
     except Exception:  # missing or unreadable: train a new one
         pass
-    what = "the FID judge (LeNet)" if reader is None else f"the outside reader {reader} ({READERS[reader].about})"
+    what = "the FID judge (LeNet)" if reader is None else f"the classifier {reader} ({CLASSIFIERS[reader].about})"
     print(f"Training {what} on these {len(mnist.train_images):,} training digits (once; cached in {path}) ...")
     x, y = mnist.train_images, mnist.train_labels
     judge = train_judge(x, y, device) if reader is None else train_reader(reader, x, y, device)
@@ -794,10 +795,39 @@ READERS = {  # name: a family unlike the judge's LeNet, and a recipe unlike trai
 }
 
 
+# The second builder. A digit of a conditional G's set stays only if the judge and this classifier of another
+# family both read it as the digit asked for (DATASET_AGREE): two families seldom share a blind spot, so the
+# ambiguous digits that one lets through, the other mostly stops. Like the judge, it never measures a set.
+class ResidualBlock(nn.Module):
+    """relu(x + two 3x3 convolutions of x): the skip connection of He et al. 2016 ("Deep Residual Learning")."""
+    def __init__(self, channels):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels),
+                                  nn.ReLU(), nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+def resnet():
+    """Three residual stages, max pooling between them, global average pooling: 99.4% on the real test digits."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), ResidualBlock(32),
+        nn.MaxPool2d(2), nn.Conv2d(32, 64, 1, bias=False), ResidualBlock(64),    # state size. (64) x 14 x 14
+        nn.MaxPool2d(2), nn.Conv2d(64, 128, 1, bias=False), ResidualBlock(128),  # state size. (128) x 7 x 7
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+
+
+BUILDER = Reader(resnet, 2, lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=1e-2),
+                 "a small ResNet, 2 epochs of AdamW", "builder_resnet_v1")
+CLASSIFIERS = {**READERS, "resnet": BUILDER}  # every classifier trained by train_reader, by name
+
+
 def train_reader(name, train_x, train_y, device, seed=1):
-    """Reader `name` trained its own way on these labeled uint8 digits: its optimizer for its epochs, the
+    """Classifier `name` trained its own way on these labeled uint8 digits: its optimizer for its epochs, the
     learning rate falling linearly to 0 over the run, and a seed other than the judge's."""
-    r = READERS[name]
+    r = CLASSIFIERS[name]
     with torch.random.fork_rng(devices=[]):  # own seed; leaves the GAN's random streams alone
         torch.manual_seed(seed)
         model = r.build().to(device)
@@ -805,6 +835,12 @@ def train_reader(name, train_x, train_y, device, seed=1):
         steps = r.epochs * math.ceil(len(train_x) / 128)
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
         return fit_classifier(model, opt, train_x, train_y, device, r.epochs, name, schedule)
+
+
+@torch.no_grad()
+def class_probs(classifier, images, device):
+    """float images in [-1, 1] -> the classifier's class probabilities (N, 10), on the CPU."""
+    return torch.cat([F.softmax(classifier(x.to(device).float()), dim=1).float().cpu() for x in images.split(1000)])
 
 
 @torch.no_grad()
@@ -1144,13 +1180,16 @@ def sample(cfg, opts):
         print(f"Wrote {n} PNGs (28x28 grayscale) to {opts['png_dir']}/{layout}")
 
 
-def labeled_fakes(G, n, noise_dim, device, seed, noise_std, judge=None, min_p=0.0, chunk=CHUNK):
+def labeled_fakes(G, n, noise_dim, device, seed, noise_std, judge=None, min_p=0.0, builder=None, agree=0.0,
+                  chunk=CHUNK):
     """n generated digits (uint8) and their labels, drawn as `dataset` draws them (labeled_fake_chunks)."""
-    images, labels = zip(*labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge, min_p, chunk))
+    images, labels = zip(*labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge, min_p, builder,
+                                              agree, chunk))
     return torch.cat(images), torch.cat(labels)
 
 
-def labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge=None, min_p=0.0, chunk=CHUNK):
+def labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge=None, min_p=0.0, builder=None, agree=0.0,
+                        chunk=CHUNK):
     """n generated digits (uint8) and their labels, `chunk` at a time from one random stream: the digits
     a conditional G was asked for (balanced, in shuffled order), or, for an unconditional G, the judge's
     reading of each (only as good as the judge).
@@ -1158,7 +1197,8 @@ def labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge=None, mi
     trained on the set then meets fewer surprises among real digits. min_p > 0 (DATASET_FILTER): a
     conditional G draws 3x and keeps 1/3 (a tenth of each digit), those the judge reads as the digit
     asked for with probability >= min_p (judge_filter): wide noise also draws digits that no longer look
-    like their label, which teach a classifier wrong."""
+    like their label, which teach a classifier wrong. agree > 0 (DATASET_AGREE): the second builder, of
+    another family, must read them as asked too, with probability >= agree."""
     gen = rng(seed)
     for start in range(0, n, chunk):
         k = min(chunk, n - start)
@@ -1170,20 +1210,25 @@ def labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge=None, mi
         asked = balanced_labels(draws)[torch.randperm(draws, generator=gen)]
         images = generate(G, draws, noise_dim, device, gen, asked, noise_std=noise_std)
         if min_p:
-            keep = judge_filter(judge_outputs(judge, images, device)[1], asked, k, gen, min_p)
+            second = class_probs(builder, images, device) if agree else None
+            keep = judge_filter(judge_outputs(judge, images, device)[1], asked, k, gen, min_p, second, agree)
             images, asked = images[keep], asked[keep]
         yield to_uint8(images), asked
 
 
-def judge_filter(probs, asked, n, seed, min_p=0.5):
+def judge_filter(probs, asked, n, seed, min_p=0.5, second=None, agree=0.0):
     """Indices of n of the drawn digits, each digit n/10 times (+-1): first those the judge reads as the
-    digit asked for with probability >= min_p, at random among them (keeping G's variety, not only its
-    clearest digits); only if too few of a digit pass, the ones the judge finds likeliest to be it (a weak
-    G still gives n). A stricter min_p (0.999) keeps digits that other classifiers read as labeled too (99.3%+
-    instead of 92%), but drops the hard ones near the decision boundaries: train-on-fake falls further
-    behind (docs/results.md, "The fake MNIST")."""
+    digit asked for with probability >= min_p, and the second builder (probabilities `second`, if given) with
+    probability >= agree, at random among them (keeping G's variety, not only its clearest digits); only if
+    too few of a digit pass, the ones the judge finds likeliest to be it (a weak G still gives n).
+    Why two builders: a stricter judge alone (min_p 0.999) also gives labels that other classifiers agree
+    with, but it drops the hard, correct digits near its own decision boundaries, and train-on-fake falls
+    further behind; a second family drops mostly the ambiguous ones (docs/results.md, "The fake MNIST")."""
     p_asked = torch.from_numpy(probs)[torch.arange(len(asked)), asked]
     passed = (torch.from_numpy(probs.argmax(1)) == asked) & (p_asked >= min_p)
+    if second is not None:
+        p_second = second[torch.arange(len(asked)), asked]
+        passed &= (second.argmax(1) == asked) & (p_second >= agree)
     gen = rng(seed)
     order = torch.rand(len(asked), generator=gen)
     rank = torch.where(passed, 1 + order, p_asked)  # passed digits (>= 1) before the others (< 1)
@@ -1200,12 +1245,12 @@ def write_dataset(cfg, opts):
     check_dataset_target(raw, cfg["data_dir"], opts["dataset_dir"], opts["overwrite"])
     device = pick_device(cfg["device"])
     G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
-    needs_judge = not G.n_classes or cfg["dataset_filter"]  # for the labels, or for the filter
-    judge = get_judge(cfg["cache_dir"], load_mnist(cfg["data_dir"]), device) if needs_judge else None
+    judge, builder = get_builders(G, cfg, None, device)
     os.makedirs(raw, exist_ok=True)
     for split, n, offset in (("train", opts["n"], 0), ("t10k", opts["n_test"], 1)):
         chunks = labeled_fake_chunks(G, n, cfg["noise_dim"], device, cfg["seed"] + SEED_OFFSET_DATASET + offset,
-                                     cfg["dataset_noise"], judge, cfg["dataset_filter"], CHUNK)
+                                     cfg["dataset_noise"], judge, cfg["dataset_filter"], builder,
+                                     builder_agree(G, cfg), CHUNK)
         write_idx_split(raw, split, n, chunks)
     print(f"Wrote {opts['n']} training and {opts['n_test']} test digits to {raw}/ ({dataset_source(G, cfg)}). "
           f"Load with torchvision.datasets.MNIST({opts['dataset_dir']!r}) or --data_dir={opts['dataset_dir']}")
@@ -1272,12 +1317,29 @@ def check_dataset_target(raw, data_dir, dataset_dir, overwrite):
             f"--dataset_dir, or pass --overwrite=True to replace them", 2)
 
 
+def builder_agree(G, cfg):
+    """DATASET_AGREE where it applies: a conditional G's set, filtered by the judge."""
+    return cfg["dataset_agree"] if G.n_classes and cfg["dataset_filter"] else 0.0
+
+
+def get_builders(G, cfg, mnist, device):
+    """The classifiers that build G's set: the judge (an unconditional G's labels, or the filter), and the
+    second builder where DATASET_AGREE applies; None where not needed (no MNIST read, nothing trained)."""
+    needs_judge = not G.n_classes or cfg["dataset_filter"]  # for the labels, or for the filter
+    if not needs_judge:
+        return None, None
+    mnist = mnist or load_mnist(cfg["data_dir"])
+    builder = get_judge(cfg["cache_dir"], mnist, device, reader="resnet") if builder_agree(G, cfg) else None
+    return get_judge(cfg["cache_dir"], mnist, device), builder
+
+
 def dataset_source(G, cfg):
     """Where a set's labels come from, in words."""
     if not G.n_classes:
         return "labels: the judge's reading of each digit"
-    min_p = cfg["dataset_filter"]
+    min_p, agree = cfg["dataset_filter"], builder_agree(G, cfg)
     kept = f", kept where the judge reads them (p >= {min_p:g})" if min_p else ""
+    kept += f" and a ResNet agrees (p >= {agree:g})" if agree else ""
     return "labels: the digits G was asked for" + kept
 
 
@@ -1338,9 +1400,10 @@ def report_train_on_fake(G, cfg, n_train, mnist, judge, device):
     each outside reader (READERS, no part in building the set) trained on them, beside the same reader
     trained on the real training digits. Then how often that real-trained reader reads the generated digits
     as their label, and which real test digits each misreads."""
+    builder = get_builders(G, cfg, mnist, device)[1]
     images, labels = labeled_fakes(G, n_train, cfg["noise_dim"], device,
                                    cfg["seed"] + SEED_OFFSET_DATASET, cfg["dataset_noise"], judge,
-                                   cfg["dataset_filter"])
+                                   cfg["dataset_filter"], builder, builder_agree(G, cfg))
     print(f"train on {n_train:,} generated digits ({dataset_source(G, cfg)}, noise std {cfg['dataset_noise']:g}), "
           f"test on the 10,000 real test digits; each reader had no part in building the set")
     print(f"{'reader':<10} {'trained on real':>15} {'on generated':>13} {'gap':>7} "
@@ -1450,6 +1513,7 @@ def validate(cfg):
         ("eval_draws", cfg["eval_draws"] >= 1, "must be at least 1"),
         ("dataset_noise", 0 < cfg["dataset_noise"] < math.inf, "must be a positive number"),
         ("dataset_filter", 0 <= cfg["dataset_filter"] < 1, "must be 0 (keep every digit) or a probability below 1"),
+        ("dataset_agree", 0 <= cfg["dataset_agree"] < 1, "must be 0 (the judge alone) or a probability below 1"),
         ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg["device"]) is not None,
          'must be "auto", "cpu", "cuda", "cuda:N" or "mps"'),
     ]

@@ -1,15 +1,15 @@
 """
 Which fake set trains a classifier best? Draws labeled fake sets from trained conditional generators the way
-`dataset` does (noise std, judge filter DATASET_FILTER) and scores each by the outside readers (dcgan_mnist.READERS:
+`dataset` does (noise std, judge filter DATASET_FILTER, second builder DATASET_AGREE) and scores each by the outside readers (dcgan_mnist.READERS:
 classifiers of other families than the judge, which had no part in building the set):
 - train-on-fake: the reader trained on the 60,000 generated digits, its accuracy on the 10,000 real test
   digits, beside the same reader trained on the real training digits (gap in points);
 - labels: how often the reader trained on real digits reads the generated digits as their label.
 
     python benchmarks/fake_set.py --data_dir=<data> --ckpts=run_a/G_model.ckpt,run_b/G_model.ckpt \
-        [--stds=1.0,1.5,2.0] [--filters=0.999,0] [--n=60000] [--seed=0]
+        [--stds=1.0,1.5,2.0] [--filters=0.999,0] [--agrees=0.9,0] [--n=60000] [--seed=0]
 
-Prints one line per (generator, std, filter) and appends it to benchmarks/out/fake_set.jsonl.
+Prints one line per (generator, std, filter, agree) and appends it to benchmarks/out/fake_set.jsonl.
 """
 import argparse
 import json
@@ -41,6 +41,7 @@ def main():
     p.add_argument("--ckpts", required=True)
     p.add_argument("--stds", default="1.0,1.5,2.0")
     p.add_argument("--filters", default="0.999,0", help="DATASET_FILTER values")
+    p.add_argument("--agrees", default=str(dm.DATASET_AGREE), help="DATASET_AGREE values (used where a filter is)")
     p.add_argument("--n", type=int, default=60000)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
@@ -48,20 +49,22 @@ def main():
     mnist = dm.load_mnist(a.data_dir)
     judge = dm.get_judge(dm.CACHE_DIR, mnist, device)
     readers = {name: dm.get_judge(dm.CACHE_DIR, mnist, device, reader=name) for name in dm.READERS}
+    builder = dm.get_judge(dm.CACHE_DIR, mnist, device, reader="resnet")
     os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
     for ckpt in a.ckpts.split(","):
         G = dm.load_generator(ckpt, dm.NOISE_DIM, device)
         for std in map(float, a.stds.split(",")):
             for filtered in map(float, a.filters.split(",")):
-                t = time.time()
-                images, labels = dm.labeled_fakes(G, a.n, dm.NOISE_DIM, device, a.seed + dm.SEED_OFFSET_DATASET,
-                                                  std, judge, filtered)
-                row = {"ckpt": ckpt, "std": std, "filter": filtered, "n": a.n, **score(images, labels, mnist,
-                                                                                       readers, device)}
-                row["seconds"] = round(time.time() - t)
-                print(json.dumps(row), flush=True)
-                with open(os.path.join(HERE, "out", "fake_set.jsonl"), "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                for agree in map(float, a.agrees.split(",") if filtered else ["0"]):
+                    t = time.time()
+                    images, labels = dm.labeled_fakes(G, a.n, dm.NOISE_DIM, device, a.seed + dm.SEED_OFFSET_DATASET,
+                                                      std, judge, filtered, builder, agree)
+                    row = {"ckpt": ckpt, "std": std, "filter": filtered, "agree": agree, "n": a.n,
+                           **score(images, labels, mnist, readers, device)}
+                    row["seconds"] = round(time.time() - t)
+                    print(json.dumps(row), flush=True)
+                    with open(os.path.join(HERE, "out", "fake_set.jsonl"), "a") as f:
+                        f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 from conftest import DATA_DIR, assert_one_line_error, config, dm, run_main
@@ -132,7 +133,7 @@ def test_dataset_is_mnist_to_torchvision_and_to_this_script(conditional_run, jud
                       f"--ckpt={conditional_run}/G_model.ckpt", f"--cache_dir={judge_cache}",
                       f"--output_dir={tmp_path / 'o'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "the digits G was asked for, kept where the judge reads them" in result.stdout
+    assert "the digits G was asked for, kept where the judge reads them (p >= 0.5) and a ResNet agrees" in result.stdout
     raw = os.path.join(folder, "MNIST", "raw")
     assert sorted(os.listdir(raw)) == sorted([*dm.RAW_FILES, dm.MANIFEST])  # nothing else, no temporary files
     assert os.listdir(folder) == ["MNIST"]  # the lock is gone
@@ -187,6 +188,24 @@ def test_judge_filter_keeps_balanced_digits_that_the_judge_reads_as_asked(judge,
         else:
             assert set((sure & mine).nonzero().flatten().tolist()) <= set(keep.tolist())
     assert p_asked[keep].min() > p_asked[dm.judge_filter(probs, asked, 1000, seed=0)].min()
+
+
+def test_second_builder_drops_the_digits_it_does_not_read_as_asked(judge, mnist):
+    """Real test digits, each asked for its true label; the second builder (made up
+    here) reads the odd-numbered ones as another digit, or as the asked one but unsure: with DATASET_AGREE
+    they are dropped first, without it (the judge alone) they stay as often as the others."""
+    asked = mnist.test_labels[:3000]
+    probs = dm.judge_outputs(judge, dm.to_float(mnist.test_images[:3000]), CPU)[1]
+    other, unsure = torch.arange(3000) % 4 == 1, torch.arange(3000) % 4 == 3
+    odd = other | unsure
+    second = F.one_hot(asked, 10).float() * 0.95 + 0.005                # reads the asked digit, p = 0.955
+    second[other] = F.one_hot((asked[other] + 1) % 10, 10).float()      # reads another digit
+    second[unsure] = F.one_hot(asked[unsure], 10).float() * 0.5 + 0.05  # reads the asked digit, p = 0.55
+    keep = dm.judge_filter(probs, asked, 1000, 0, 0.5, second, 0.9)
+    assert torch.bincount(asked[keep], minlength=10).tolist() == [100] * 10
+    assert not odd[keep].any()  # only digits both builders read as asked, the ResNet with p >= 0.9
+    assert 0.4 < odd[dm.judge_filter(probs, asked, 1000, 0, 0.5)].float().mean() < 0.6
+    assert odd[dm.judge_filter(probs, asked, 1000, 0, 0.5, second, 0.4)].any()  # p = 0.55 passes agree 0.4
 
 
 def test_unconditional_dataset_is_labeled_by_the_judge(smoke_run, judge, judge_cache, tmp_path):
@@ -247,13 +266,16 @@ def test_each_outside_reader_learns_real_digits_and_not_wrong_labels(mnist, judg
 
 
 def test_outside_readers_are_other_families_than_the_judge():
-    """The judge builds the sets (labels, filter); the readers that measure them share neither its layers nor
-    its recipe (train_judge: 3 epochs of Adam at 1e-3, seed 0)."""
-    judge_layers = [type(m) for m in dm.Judge().modules() if not list(m.children())]
+    """The judge and the ResNet build the sets (labels, filter); the readers that measure them share neither
+    their layers nor their recipes (train_judge: 3 epochs of Adam at 1e-3, seed 0; the ResNet: 2 of AdamW)."""
+    def layers(model):
+        return [type(m) for m in model.modules() if not list(m.children())]
+    assert "resnet" not in dm.READERS and layers(dm.resnet()) != layers(dm.Judge())
+    assert any(isinstance(m, dm.ResidualBlock) for m in dm.resnet().modules())
     for name, reader in dm.READERS.items():
-        layers = [type(m) for m in reader.build().modules() if not list(m.children())]
-        assert layers != judge_layers and nn.MaxPool2d not in layers, name
-        assert reader.file != dm.JUDGE_FILE
+        assert layers(reader.build()) != layers(dm.Judge()) and nn.MaxPool2d not in layers(reader.build()), name
+        assert layers(reader.build()) != layers(dm.resnet()) and reader.epochs != dm.BUILDER.epochs, name
+        assert reader.file not in (dm.JUDGE_FILE, dm.BUILDER.file)
     assert any(nn.Conv2d not in [type(m) for m in r.build().modules()] for r in dm.READERS.values())  # no conv at all
 
 
@@ -299,7 +321,8 @@ def test_evaluate_reports_label_accuracy_and_train_on_fake(conditional_run, judg
     lines = result.stdout.splitlines()
     assert "labels" in lines[0] and "confidence" in lines[0]
     assert any(l.startswith("train on 500 generated digits (labels: the digits G was asked for, kept where the "
-                            f"judge reads them (p >= {dm.DATASET_FILTER:g}), noise std {dm.DATASET_NOISE:g})") for l in lines)
+                            f"judge reads them (p >= {dm.DATASET_FILTER:g}) and a ResNet agrees (p >= {dm.DATASET_AGREE:g}), "
+                            f"noise std {dm.DATASET_NOISE:g})") for l in lines)
     assert "Training" not in result.stdout  # the readers trained on real digits come from the cache
     rows = {l.split()[0]: l.split()[1:] for l in lines if l.split() and l.split()[0] in dm.READERS
             and l.split()[1].endswith("%")}  # the table's rows, not the per-digit ones
