@@ -35,3 +35,22 @@ def test_fid_for_selection_is_the_mean_of_eval_draws_and_its_first_draw_is_the_s
     assert one["fid"] == fids[0]
     assert two["fid"] == (fids[0] + fids[1]) / 2
     assert set(two) == set(one) and 0 <= two["min_share"] <= two["max_share"] <= 1
+
+
+def test_one_stage_factor_turns_d_fake_gradient_into_the_generator_gradient():
+    """benchmarks/one_stage.py: multiplying the gradient at each fake by -exp(-logit) gives G the
+    non-saturating gradient exactly when D treats images one by one (BatchNorm on running statistics),
+    and only approximately when D's BatchNorm mixes the batch (what the benchmark reports)."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "one_stage", os.path.join(os.path.dirname(dm.__file__), "benchmarks", "one_stage.py"))
+    one_stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(one_stage)
+    torch.manual_seed(0)
+    G, D = dm.Generator(dm.NOISE_DIM).apply(dm.weights_init), dm.Discriminator().apply(dm.weights_init)
+    real = torch.rand(32, 1, 28, 28) * 2 - 1
+    exact = one_stage.gradient_agreement(real, G, D, dm.NOISE_DIM, False, seed=0, mixing=False)
+    mixed = one_stage.gradient_agreement(real, G, D, dm.NOISE_DIM, False, seed=0, mixing=True)
+    assert exact > 0.9999
+    assert mixed < 0.999
