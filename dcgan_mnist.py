@@ -62,7 +62,7 @@ LR_D = 1.6e-3           # discriminator Adam learning rate (twice 8e-4: the same
 LR_G = 1.6e-3           # generator Adam learning rate
 BETAS = (0.5, 0.999)    # Adam betas for both; beta1=0.5 (DCGAN paper) keeps the two players from oscillating
 REAL_LABEL = 1.0        # target for real images in D's loss; 0.9 is "one-sided label smoothing"
-EMA_DECAY = 0.999       # we sample from a moving average of G's weights (0 = plain G)
+EMA_DECAY = 0.999       # we sample from a moving average of G's weights (0 = plain G; see ema_update)
 MODE_SEEKING = 2.0      # conditional GAN only: reward G for two different digits y from two noises (0 = off; 2 beat 1)
 # how long
 EPOCHS = 10             # passes over the data (one epoch = 70,000 images; 60,000 with MERGE_TEST=False)
@@ -350,8 +350,10 @@ def pair_labels(labels):
 @torch.no_grad()
 def ema_update(G_ema, G, decay, step):
     """G_ema <- d * G_ema + (1 - d) * G, weights only (BatchNorm statistics: refresh_bn_stats).
-    d = min(decay, (1 + step) / (10 + step)): a short warm-up, so that the average does not drag the
-    random initial weights along for thousands of steps."""
+    d = min(decay, (1 + step) / (10 + step)): a warm-up, so that the average does not drag the random
+    initial weights along. It is a long one: d reaches 0.999 only at step 8,990 (16 epochs of 70,000
+    digits), so in a 10-epoch run the warm-up is the average. It weights step t of the s so far about like
+    (t/s)^8: roughly the last tenth of the run. A longer or shorter horizon scored no better (results.md)."""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(G_ema.parameters(), G.parameters()):
         e.lerp_(p, 1.0 - d)
