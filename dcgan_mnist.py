@@ -62,6 +62,7 @@ LR_D = 1.6e-3           # discriminator Adam learning rate (twice 8e-4: the same
 LR_G = 1.6e-3           # generator Adam learning rate
 BETAS = (0.5, 0.999)    # Adam betas for both; beta1=0.5 (DCGAN paper) keeps the two players from oscillating
 REAL_LABEL = 1.0        # target for real images in D's loss; 0.9 is "one-sided label smoothing"
+G_STEPS = 1             # G steps per D step (the tutorial's 1); 2 keeps D from winning late (docs/results.md)
 EMA_DECAY = 0.999       # we sample from a moving average of G's weights (0 = plain G; see ema_update)
 MODE_SEEKING = 2.0      # conditional GAN only: reward G for two different digits y from two noises (0 = off; 2 beat 1)
 # how long
@@ -340,6 +341,13 @@ def G_train(fake, D, G_optimizer, amp=False, labels=None, mode_seeking=0.0):
     return loss.detach()
 
 
+def new_fake(G, n, noise_dim, amp, labels, device):
+    """A fresh fake batch, still carrying G's graph, for a further G step (G_STEPS > 1)."""
+    z = torch.randn(n, noise_dim, 1, 1, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        return G(z, labels)
+
+
 def pair_labels(labels):
     """The digits G draws for the mode-seeking term: the first half of the batch's labels, then again
     (fakes i and n - n//2 + i share a digit). Each half still follows the data's digit frequencies."""
@@ -437,6 +445,9 @@ def train_one_epoch(data, gan, state, cfg, amp, n_batches):
         # (2) Update G network: maximize log(D(G(z))) (+ the mode-seeking term, conditional GAN)
         ############################
         g_loss = G_train(fake, gan.D, gan.G_optimizer, amp, fake_labels, mode_seeking)
+        for _ in range(cfg["g_steps"] - 1):  # more G steps, each on a new fake batch (the seed tutorial's remedy)
+            g_loss = G_train(new_fake(gan.G, len(real), cfg["noise_dim"], amp, fake_labels, device), gan.D,
+                             gan.G_optimizer, amp, fake_labels, mode_seeking)
         ############################
         # (3) moving average of G: the generator we evaluate, sample and save
         ############################
@@ -1501,6 +1512,7 @@ def validate(cfg):
         ("lr_g", 0 < cfg["lr_g"] < math.inf, "must be a positive number"),
         ("betas", all(0 <= b < 1 for b in cfg["betas"]), "must be two numbers in [0, 1)"),
         ("real_label", 0 < cfg["real_label"] <= 1, "must be in (0, 1]"),
+        ("g_steps", cfg["g_steps"] >= 1, "must be at least 1"),
         ("ema_decay", 0 <= cfg["ema_decay"] < 1, "must be in [0, 1)"),
         ("mode_seeking", 0 <= cfg["mode_seeking"] < math.inf, "must be 0 (off) or a positive number"),
         ("epochs", cfg["epochs"] >= 1, "must be at least 1"),

@@ -39,6 +39,7 @@ SETTINGS = {  # name: overrides of the script's defaults
     "lr 1.6e-3 both, one-sided label smoothing 0.9": ["--lr_d=1.6e-3", "--lr_g=1.6e-3", "--real_label=0.9"],
     "lr 1.6e-3 for G, 1.2e-3 for D": ["--lr_d=1.2e-3", "--lr_g=1.6e-3"],
     "lr 1.6e-3 for G, 2.4e-3 for D": ["--lr_d=2.4e-3", "--lr_g=1.6e-3"],
+    "2 G steps per D step": ["--g_steps=2"],
 }
 
 

@@ -302,7 +302,7 @@ def test_nan_weights_stop_with_exit_3_and_keep_the_good_checkpoints(smoke_out, t
     ("--select_by=loss", "--select_by"), ("--max_minutes=-1", "--max_minutes"),
     ("--ema_decay=1", "--ema_decay"), ("--eval_samples=10", "--eval_samples"),
     ("--dataset_filter=1", "--dataset_filter"), ("--dataset_filter=-0.5", "--dataset_filter"),
-    ("--dataset_agree=1", "--dataset_agree"), ("--dataset_agree=-0.1", "--dataset_agree"),
+    ("--dataset_agree=1", "--dataset_agree"), ("--dataset_agree=-0.1", "--dataset_agree"), ("--g_steps=0", "--g_steps"),
 ])
 def test_bad_hyperparameters_exit_2_before_loading_data(arg, needle, tmp_path, capsys):
     # data_dir does not exist: a check that ran after data loading would exit 1 instead

@@ -54,3 +54,17 @@ def test_one_stage_factor_turns_d_fake_gradient_into_the_generator_gradient():
     mixed = one_stage.gradient_agreement(real, G, D, dm.NOISE_DIM, False, seed=0, mixing=True)
     assert exact > 0.9999
     assert mixed < 0.999
+
+
+def test_g_steps_gives_g_that_many_steps_per_d_step_and_1_is_the_plain_loop(tmp_path):
+    """G_STEPS = k: each D step is followed by k G steps, each on a new fake batch (Adam counts them)."""
+    import os
+    saved = {}
+    for k in (1, 2):
+        out = str(tmp_path / f"k{k}")
+        dm.train(config(g_steps=k, epochs=1, max_batches=3, batch_size=32, eval_every=0, output_dir=out))
+        saved[k] = torch.load(os.path.join(out, "last.ckpt"), weights_only=True)
+        steps = {net: {int(s["step"]) for s in saved[k][f"{net}_optimizer"]["state"].values()} for net in "GD"}
+        assert steps == {"D": {3}, "G": {3 * k}}, (k, steps)
+    # more G steps give another G; D's first step (before any G step) is the same
+    assert not torch.equal(saved[1]["G"]["main.0.weight"], saved[2]["G"]["main.0.weight"])
