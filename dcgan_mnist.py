@@ -361,7 +361,7 @@ def ema_update(G_ema, G, decay, step):
     d = min(decay, (1 + step) / (10 + step)): a warm-up, so that the average does not drag the random
     initial weights along. It is a long one: d reaches 0.999 only at step 8,990 (16 epochs of 70,000
     digits), so in a 10-epoch run the warm-up is the average. It weights step t of the s so far about like
-    (t/s)^8: roughly the last tenth of the run. A longer or shorter horizon scored no better (results.md)."""
+    (t/s)^8: roughly the last tenth of the run. Longer or shorter horizons scored about the same (results.md)."""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(G_ema.parameters(), G.parameters()):
         e.lerp_(p, 1.0 - d)
