@@ -42,7 +42,8 @@ SETTINGS = {
 def run(name, overrides, seed, epochs, data_dir, device):
     out = os.path.join(HERE, "out", f"{list(SETTINGS).index(name)}_seed{seed}")
     cmd = [sys.executable, SCRIPT, f"--seed={seed}", f"--epochs={epochs}", "--max_minutes=0", "--eval_every=1",
-           "--sample_every=1000", f"--data_dir={data_dir}", f"--output_dir={out}", f"--device={device}", *overrides]
+           "--sample_every=1000", f"--data_dir={data_dir}", f"--output_dir={out}", f"--device={device}",
+           "--g_steps=1", *overrides]  # 1 G step per D step: the default when this was measured
     start = time.time()
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
     history = torch.load(os.path.join(out, "last.ckpt"), weights_only=True)["state"]["history"]

@@ -57,6 +57,8 @@ def config(**overrides):
     """The script's defaults, with overrides, as train() takes them."""
     cfg = {name.lower(): getattr(dm, name) for name in dm.CONFIG_NAMES}
     cfg.update(data_dir=DATA_DIR, device="cpu")
+    if overrides.get("conditional"):  # as parse_args does
+        cfg.update(dm.CONDITIONAL_DEFAULTS)
     cfg.update(overrides)
     return cfg
 

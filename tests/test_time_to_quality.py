@@ -68,3 +68,16 @@ def test_g_steps_gives_g_that_many_steps_per_d_step_and_1_is_the_plain_loop(tmp_
         assert steps == {"D": {3}, "G": {3 * k}}, (k, steps)
     # more G steps give another G; D's first step (before any G step) is the same
     assert not torch.equal(saved[1]["G"]["main.0.weight"], saved[2]["G"]["main.0.weight"])
+
+
+def test_the_conditional_gan_has_its_own_measured_defaults_unless_told():
+    """2 G steps for 7 epochs won for the unconditional GAN, lost for the conditional one (docs/results.md)."""
+    plain, _, _ = dm.parse_args([])
+    assert (plain["g_steps"], plain["epochs"]) == (dm.G_STEPS, dm.EPOCHS) == (2, 7)
+    cond, given, _ = dm.parse_args(["--conditional=True"])
+    assert (cond["g_steps"], cond["epochs"]) == (1, 10) and given == {"conditional"}
+    told, _, _ = dm.parse_args(["--conditional=True", "--g_steps=3", "--epochs=2"])
+    assert (told["g_steps"], told["epochs"]) == (3, 2)
+    # a resumed conditional run keeps what it was trained with, not these defaults
+    resumed = dm.resume_settings(cond, {"conditional"}, {**cond, "g_steps": 2, "epochs": 7})
+    assert (resumed["g_steps"], resumed["epochs"]) == (2, 7)
