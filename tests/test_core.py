@@ -157,7 +157,7 @@ def test_early_stopping_stops_after_patience_and_keeps_the_best_checkpoint(tmp_p
     monkeypatch.setattr(dm, "G_train", scripted_G_train)
     out = str(tmp_path / "run")
     history = dm.train(config(epochs=20, early_stopping=3, max_batches=1, batch_size=16, select_by="g_loss",
-                              output_dir=out))
+                              g_steps=1, output_dir=out))  # g_steps=1: one scripted loss per batch
     assert history["epoch"] == [1, 2, 3, 4, 5, 6]
     assert history["g_loss"] == pytest.approx(losses[:6])
     assert "Early stopping" in capsys.readouterr().out

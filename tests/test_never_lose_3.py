@@ -121,7 +121,7 @@ def _interrupted_run(out, monkeypatch, at_call):
             dm.STOP["signal"] = signal.SIGINT
         return loss
     monkeypatch.setattr(dm, "G_train", G_train)
-    result = run_main(*SMALL, "--epochs=3", f"--output_dir={out}")
+    result = run_main(*SMALL, "--epochs=3", "--g_steps=1", f"--output_dir={out}")  # 1 G_train call per batch
     monkeypatch.setattr(dm, "G_train", real_G_train)
     assert result.returncode == 130, result.stderr[-3000:]
     return torch.load(os.path.join(out, "last.ckpt"), weights_only=True)["state"]
@@ -199,7 +199,7 @@ def test_real_vs_fake_shows_the_selected_generator(tmp_path, monkeypatch):
     monkeypatch.setattr(dm, "save_real_vs_fake", lambda real, fake, path: shown.append(fake))
     out = str(tmp_path / "run")
     history = dm.train(config(epochs=20, early_stopping=3, max_batches=1, batch_size=16, select_by="g_loss",
-                              output_dir=out))
+                              g_steps=1, output_dir=out))  # g_steps=1: one scripted loss per batch
     assert history["epoch"] == [1, 2, 3, 4, 5, 6]
     saved = torch.load(os.path.join(out, "last.ckpt"), weights_only=True)
     selected = dm.load_generator(os.path.join(out, "G_model.ckpt"), 100, CPU)
