@@ -43,15 +43,9 @@ def main():
     setups = CONDITIONAL_SETUPS if args.conditional else SETUPS
     device = torch.device(args.device)
     amp = dm.use_bf16(device, cfg["amp"])
-    mnist = dm.load_mnist(cfg["data_dir"])
-    data = dm.Data(mnist.train_images.to(device), mnist.train_labels.to(device))
-    if cfg["merge_test"]:  # the unconditional default trains on all 70,000 digits
-        data = dm.Data(torch.cat([mnist.train_images, mnist.test_images]).to(device),
-                       torch.cat([mnist.train_labels, mnist.test_labels]).to(device))
+    # the script's own setup: its data (70,000 digits, or 60,000 held out), the judge, and fresh models
+    data, judging, gan, _, _ = dm.setup_training(cfg, {"eval_every"}, None, device)
     batches_per_epoch = math.ceil(len(data.images) / cfg["batch_size"])
-    judging = dm.plan_evaluation(dict(cfg, max_batches=0), (), mnist, device)
-    dm.set_seed(0)
-    gan = dm.build_models(cfg, device)
     minutes = {name: [] for name in setups}
     for r in range(args.rounds + 1):  # round 0 warms up
         for name, setup in setups.items():
