@@ -760,7 +760,7 @@ def get_judge(cache_dir, mnist, device, reader=None):
     judge = build().to(device)
     try:
         judge.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
-        return judge.eval()
+        return in_fast_layout(judge.eval(), device)
     except Exception:  # missing or unreadable: train a new one
         pass
     what = "the FID judge (LeNet)" if reader is None else f"the classifier {reader} ({CLASSIFIERS[reader].about})"
@@ -774,7 +774,14 @@ def get_judge(cache_dir, mnist, device, reader=None):
         atomic_save({"model": judge.state_dict(), "test_accuracy": accuracy}, path)
     except OSError as e:
         print(f"warning: could not cache {path} ({e.strerror}); it will be retrained next time")
-    return judge
+    return in_fast_layout(judge, device)
+
+
+def in_fast_layout(model, device):
+    """A trained classifier's weights in channels_last where that layout is fast: the judge then scores digits
+    about 1.8x faster on CPU (each epoch's FID, `dataset`, `evaluate`), with the same outputs up to float
+    rounding. Only after training: training in another layout would round differently, and train another judge."""
+    return model.to(memory_format=torch.channels_last) if use_channels_last(device, True) else model
 
 
 # Outside readers: classifiers of other families than the judge, trained by other recipes. The judge labels an
