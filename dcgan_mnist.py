@@ -393,6 +393,7 @@ def balanced_labels(n, device="cpu", start=0):
 # 6. [DCGAN] The training loop: train_one_epoch and train are the loop; the rest is its bookkeeping
 TRACKED = ("d_loss", "g_loss", "d_x", "d_g_z")  # per-batch values averaged over each epoch
 QUALITY_KEYS = ("fid", "score", "min_share", "max_share", "confidence", "label_accuracy")  # see quality()
+METRICS_COLUMNS = ("epoch", *TRACKED, *QUALITY_KEYS, "seconds")  # the history of each epoch, and metrics.csv
 
 
 @dataclass
@@ -408,7 +409,7 @@ class TrainState:
     best_fid: float = math.inf  # best FID so far (G_best_fid.ckpt)
     elapsed: float = 0.0       # seconds of training so far, earlier runs of a resumed one included
     grids: list = field(default_factory=list)  # the sample grids written, for progress.gif
-    history: dict = field(default_factory=lambda: {k: [] for k in ("epoch", *TRACKED, *QUALITY_KEYS)})
+    history: dict = field(default_factory=lambda: {k: [] for k in METRICS_COLUMNS})  # per epoch (metrics.csv)
 
 
 STOP = {"signal": None}  # set by the first Ctrl-C / SIGTERM; the loop stops after the current batch
@@ -422,16 +423,17 @@ def handle_stop_signal(signum, frame):
           file=sys.stderr, flush=True)
 
 
-def train_one_epoch(data, gan, state, cfg, amp, n_batches):
-    """The tutorial's batch loop, from state.next_batch to the end of the epoch (or a Ctrl-C)."""
-    bs, device = cfg["batch_size"], data.images.device
+def train_one_epoch(data, gan, state, cfg, amp, n_batches, on_timed=None):
+    """The tutorial's batch loop, from state.next_batch to the end of the epoch (or a Ctrl-C).
+    on_timed(seconds per batch) is called once batches 10-30 of this call are timed (the forecast)."""
+    bs, device, first, timer = cfg["batch_size"], data.images.device, state.next_batch, None
     if state.perm is None:  # a new shuffle each epoch (kept in last.ckpt for a resume)
         state.perm = torch.randperm(len(data.images))
     perm = state.perm.to(device)
     sums = torch.tensor(state.sums, device=device)  # summed on the device: see the sync note below
     mode_seeking = cfg["mode_seeking"] if cfg["conditional"] else 0.0  # a conditional GAN's term
     bar = tqdm(range(state.next_batch, n_batches), desc=f"epoch {state.epoch}", initial=state.next_batch,
-               total=n_batches, leave=False)
+               total=n_batches, leave=False, disable=None)  # None: no bar where stderr is not a terminal (a log)
     for i in bar:
         idx = perm[i * bs:(i + 1) * bs]
         real = to_float(data.images[idx])
@@ -456,8 +458,10 @@ def train_one_epoch(data, gan, state, cfg, amp, n_batches):
         state.step += 1
         state.next_batch = i + 1
         sums += torch.stack([d_loss, g_loss, d_x, d_g_z])
-        if i % 10 == 0 or i == n_batches - 1 or STOP["signal"]:
+        if i % 10 == 0 or i == n_batches - 1 or STOP["signal"] or (on_timed and i - first in (10, 30)):
             means = [s / (i + 1) for s in sums.tolist()]  # note: a CPU-GPU sync point, so not every batch
+            if on_timed and i - first in (10, 30):  # batches 0-10 warm up (memory, oneDNN kernels): not timed
+                timer = time.time() if i - first == 10 else on_timed((time.time() - timer) / 20)
             if not all(map(math.isfinite, means)):
                 bar.close()
                 die(f"the loss became {means[0] + means[1]} in epoch {state.epoch}, batch {i + 1}; stopped "
@@ -603,6 +607,24 @@ def setup_training(cfg, given, saved, device):
     return data, judging, gan, fixed_noise, state
 
 
+def forecast(seconds_per_batch, state, cfg, n_batches, seconds_so_far):
+    """What to expect, said once the first batches are timed: the length of an epoch, and how many of
+    EPOCHS fit MAX_MINUTES (which stops before an epoch that would end past it; the current one always ends)."""
+    epoch = seconds_per_batch * n_batches  # seconds, without the FID evaluation after it
+    line = (f"Speed: {1 / seconds_per_batch:.2f} batches/s; an epoch ({n_batches} batches) takes about "
+            f"{epoch / 60:.1f} min plus its FID, {cfg['epochs']} epochs about {cfg['epochs'] * epoch / 60:.0f} min")
+    if cfg["max_minutes"]:
+        left = cfg["max_minutes"] * 60 - seconds_so_far - (n_batches - state.next_batch) * seconds_per_batch
+        fit = min(cfg["epochs"], state.epoch + max(0, int(left // epoch)))
+        if left < 0:
+            line += (f". --max_minutes={cfg['max_minutes']:g} ends before this epoch does: it is trained to its "
+                     f"end all the same, and is the last")
+        elif fit < cfg["epochs"]:
+            line += (f". --max_minutes={cfg['max_minutes']:g} stops after epoch {fit} of {cfg['epochs']} "
+                     f"(--max_minutes=0 trains them all)")
+    print(line, flush=True)
+
+
 def resume_notice(state, cfg, n_batches):
     """A resumed run says when its saved position does not fit this run's settings (never a silent "Done"):
     "epochs" when every epoch is trained already, else None (train on)."""
@@ -635,13 +657,18 @@ def train(cfg, given=()):
     # raises KeyboardInterrupt. Either way we finish the batch, save, and say how to resume.
     old_handlers = [signal.signal(s, handle_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)]
     reason = resume_notice(state, cfg, n_batches)
+    first_epoch = state.epoch
     try:
         while reason is None and not STOP["signal"]:
             epoch_start = time.time()
-            if not train_one_epoch(data, gan, state, cfg, amp, n_batches):
+            on_timed = None if state.epoch > first_epoch else (  # the forecast, in the first epoch this run trains
+                lambda spb: forecast(spb, state, cfg, n_batches, time.time() - start_time))
+            if not train_one_epoch(data, gan, state, cfg, amp, n_batches, on_timed):
                 break  # Ctrl-C inside the epoch: last.ckpt continues from the next batch
             metrics = end_of_epoch(state, gan, cfg, judging, n_batches, out)
             seconds = time.time() - epoch_start
+            state.history["seconds"].append(seconds)
+            save_metrics(state.history, os.path.join(out, "metrics.csv"))
             reason = stop_reason(state, cfg, time.time() - start_time, seconds)
             if state.epoch % cfg["sample_every"] == 0 or reason:
                 save_grid(draw_fixed(gan.G_ema, fixed_noise), os.path.join(out, f"samples_epoch_{state.epoch:03d}.png"),
@@ -722,7 +749,7 @@ def fit_classifier(model, opt, train_x, train_y, device, epochs, name, schedule=
     """Minibatches of 128 in a new random order each epoch, cross-entropy; the model in eval mode."""
     for epoch in range(epochs):
         perm = torch.randperm(len(train_x))
-        for idx in tqdm(perm.split(128), desc=f"{name} epoch {epoch + 1}/{epochs}", leave=False):
+        for idx in tqdm(perm.split(128), desc=f"{name} epoch {epoch + 1}/{epochs}", leave=False, disable=None):
             loss = F.cross_entropy(model(to_float(train_x[idx].to(device))), train_y[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -940,20 +967,23 @@ def generate(G, n, noise_dim, device, seed, labels=None, noise=None, noise_std=1
 # -----------------------------------------------------------------------------
 # 8. [files and safety] Files and pictures. Every checkpoint and image is written to a temporary name, then
 # renamed: a crash or Ctrl-C mid-write never leaves a truncated file under the real name (os.replace is atomic).
-def atomic_write(path, write):
+def atomic_write(path, write, before_rename=None):
     """write(buffer) serializes into memory; the bytes then go to `path` through atomic_file.
     Serializing first means a full disk or a lost drive fails in one place, with its reason
     ("No space left on device"): one line, exit 1, the temporary file removed, the old file intact."""
     buffer = io.BytesIO()
     write(buffer)
-    with atomic_file(path) as f:
+    with atomic_file(path, before_rename) as f:
         write_chunks(f, buffer.getbuffer())
 
 
 @contextlib.contextmanager
-def atomic_file(path):
+def atomic_file(path, before_rename=None):
     """An open file for `path` that is really name.tmp.ext, renamed to `path` when the block ends. A file too
-    big for memory (a large `dataset`) is streamed into it chunk by chunk; a write error is one line, exit 1."""
+    big for memory (a large `dataset`) is streamed into it chunk by chunk; a write error is one line, exit 1.
+    Any other end (Ctrl-C: Interrupted) removes the temporary file too. before_rename(): runs once the file is
+    complete, before it takes its name (`dataset` records its sha256 there, so the name never holds an
+    unrecorded file)."""
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{ext}"
     try:
@@ -961,11 +991,15 @@ def atomic_file(path):
             yield f
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave an empty file behind
+        if before_rename:
+            before_rename()
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        die(f"could not write {path}: {e.strerror or e} (its previous version, if any, is intact)", 1)
+        if isinstance(e, OSError):
+            die(f"could not write {path}: {e.strerror or e} (its previous version, if any, is intact)", 1)
+        raise
 
 
 def write_chunks(f, data, chunk=1 << 20):
@@ -990,11 +1024,18 @@ def save_training_state(path, gan, fixed_noise, state, cfg, given):
 def read_training_state(path):
     """last.ckpt (on the CPU), checked: it must be a training state saved by this version."""
     saved = load_checkpoint(path, "cpu")
-    if not isinstance(saved, dict) or not {"config", "state", "rng", "given"} <= set(saved):
+    if not isinstance(saved, dict):
         die(f"{path}: not a training state saved by this script", 1)
-    if set(saved["state"]) != {f.name for f in TrainState.__dataclass_fields__.values()}:
-        die(f"{path}: saved by another version of this script; start a new run (without --resume)", 1)
+    missing = [part for part in TRAINING_STATE_PARTS if part not in saved]
+    if missing or not isinstance(saved["state"], dict) or (
+            set(saved["state"]) != {f.name for f in TrainState.__dataclass_fields__.values()}):
+        what = f"it lacks {', '.join(missing)}" if missing else "its TrainState differs"
+        die(f"{path}: saved by another version of this script ({what}); start a new run in another "
+            f"--output_dir, or resume with the version that wrote it", 1)
     return saved
+
+
+TRAINING_STATE_PARTS = (*GAN._fields, "fixed_noise", "state", "rng", "config", "given")  # last.ckpt's top level
 
 
 # They define what the saved weights and random streams mean: a resumed run cannot change them.
@@ -1022,12 +1063,18 @@ def restore_training_state(saved, gan, cfg):
     """Load a read_training_state() into the models; returns (TrainState, fixed noise).
     The optimizers get cfg's learning rates and betas: a resumed run may change them."""
     for name in GAN._fields:
-        getattr(gan, name).load_state_dict(saved[name])
+        try:
+            getattr(gan, name).load_state_dict(saved[name])
+        except Exception as e:  # a part saved by another version: other shapes or keys
+            die(f"{os.path.join(cfg['output_dir'], 'last.ckpt')}: its {name} does not fit this script "
+                f"({str(e).splitlines()[0][:150]}); start a new run in another --output_dir", 1)
     for optimizer, lr in ((gan.D_optimizer, cfg["lr_d"]), (gan.G_optimizer, cfg["lr_g"])):
         for group in optimizer.param_groups:
             group["lr"], group["betas"] = lr, cfg["betas"]
     set_rng_states(saved["rng"])
-    return TrainState(**saved["state"]), saved["fixed_noise"]
+    state = TrainState(**saved["state"])
+    state.history.setdefault("seconds", [math.nan] * len(state.history["epoch"]))  # saved before metrics.csv
+    return state, saved["fixed_noise"]
 
 
 def rng_states():
@@ -1104,11 +1151,24 @@ def save_plots(history, fid_floor, path):
         if fid_floor is not None:  # None: this (resumed) run did not load the judge
             ax.axhline(fid_floor, color="gray", ls="--", label=f"real data floor ({fid_floor:.2f})")
         ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 40 rather than 4x10^1
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("epoch")
         ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
+
+
+def save_metrics(history, path):
+    """metrics.csv, one row per trained epoch (blank: not measured that epoch). Rewritten whole from the
+    history that last.ckpt keeps, so a resumed run neither repeats nor loses a row, even where an epoch was
+    interrupted and trained again."""
+    rows = [",".join(METRICS_COLUMNS)] + [
+        ",".join("" if math.isnan(history[k][i]) else f"{history[k][i]:.6g}" for k in METRICS_COLUMNS)
+        for i in range(len(history["epoch"]))]
+    atomic_write(path, lambda f: f.write(("\n".join(rows) + "\n").encode()))
 
 
 def save_progress_gif(grid_paths, path):
@@ -1280,10 +1340,11 @@ def write_dataset(cfg, opts):
 def write_idx_split(raw, split, n, chunks):
     """One split's two IDX files from (images, labels) chunks. The images are streamed to disk as they come
     (header first, then rows: memory holds one chunk, not n digits); the labels (1 byte each) follow.
-    Their sha256 goes into MANIFEST: the proof that `dataset` wrote them, so a later run may replace them."""
+    Their sha256 goes into MANIFEST before each takes its name: the proof that `dataset` wrote them, so a later
+    run may replace them, even after a Ctrl-C or a kill between two files."""
     images_name, labels_name = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
     digest, labels = hashlib.sha256(), []
-    with atomic_file(os.path.join(raw, images_name)) as f:
+    with atomic_file(os.path.join(raw, images_name), lambda: record_written(raw, {images_name: digest.hexdigest()})) as f:
         header = idx_header(2051, (n, 28, 28))
         f.write(header)
         digest.update(header)
@@ -1293,8 +1354,8 @@ def write_idx_split(raw, split, n, chunks):
             digest.update(data)
             labels.append(y)
     data = idx_header(2049, (n,)) + torch.cat(labels).to(torch.uint8).numpy().tobytes()
-    atomic_write(os.path.join(raw, labels_name), lambda f: f.write(data))
-    record_written(raw, {images_name: digest.hexdigest(), labels_name: hashlib.sha256(data).hexdigest()})
+    atomic_write(os.path.join(raw, labels_name), lambda f: f.write(data),
+                 lambda: record_written(raw, {labels_name: hashlib.sha256(data).hexdigest()}))
 
 
 MANIFEST = "written_by_dcgan_mnist.json"  # in a fake set's raw/ folder: the sha256 of each file `dataset` wrote
@@ -1452,6 +1513,32 @@ def die(message, code):
     sys.exit(code)
 
 
+class Interrupted(Exception):
+    """The first Ctrl-C or SIGTERM in `sample`, `evaluate` or `dataset` (training instead finishes its batch)."""
+
+
+@contextlib.contextmanager
+def stop_cleanly_on_signal(command):
+    """A command with no batch to finish stops at the first Ctrl-C or SIGTERM: the exception unwinds through
+    atomic_file (which removes its temporary file) and the folder lock, then one line and exit 130 (143).
+    Explicit handlers, as in train(): a background process may start with SIGINT ignored. A second signal
+    quits at once."""
+    def stop(signum, frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda n, f: os._exit(128 + n))
+        raise Interrupted(signum)
+    old_handlers = [signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        yield
+    except Interrupted as e:
+        print(f"\nInterrupted: {command} stopped; no file is left half-written (run the same command again to "
+              f"finish)", file=sys.stderr)
+        sys.exit(128 + e.args[0])
+    finally:
+        for s, h in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
+            signal.signal(s, h)
+
+
 def config_help():
     """--help text: each constant with its default and the comment written beside it."""
     source = open(__file__, encoding="utf-8").read()
@@ -1482,9 +1569,31 @@ def parse_value(text, default):
         return None
 
 
-def parse_args(argv, extra=()):
-    """argv -> (config dict, names given on the command line, extra options). Bad input exits 2."""
+def join_values(argv, cfg, extra):
+    """"--epochs 5" -> "--epochs=5": most command lines accept both. A bare true/false (or 1/0) after a
+    switch (--resume, --interpolate) is its value; anything else after it is the next argument."""
+    switches = {k for k, v in cfg.items() if isinstance(v, bool)} | {
+        k for k, spec in extra.items() if isinstance(spec[0], bool)}
+    joined, i = [], 0
+    while i < len(argv):
+        name, value = argv[i][2:].replace("-", "_"), argv[i + 1] if i + 1 < len(argv) else None
+        takes = value is not None and not value.startswith("--") and (name in cfg or name in extra) and (
+            name not in switches or value.lower() in ("true", "false", "1", "0"))
+        if argv[i].startswith("--") and "=" not in argv[i] and takes:
+            joined.append(f"{argv[i]}={value}")
+            i += 2
+        else:
+            joined.append(argv[i])
+            i += 1
+    return joined
+
+
+def parse_args(argv, extra=None):
+    """argv -> (config dict, names given on the command line, extra options). Bad input exits 2.
+    extra: the command's own options (COMMAND_OPTIONS[command])."""
     cfg = {name.lower(): globals()[name] for name in CONFIG_NAMES}
+    extra = extra or {}
+    argv = join_values(argv, cfg, extra)
     given, options = set(), {}
     valid = ", ".join(f"--{k}" for k in list(cfg) + list(extra))
     for arg in argv:
@@ -1693,7 +1802,7 @@ def main(argv):
     if command != "train" and ("-h" in args or "--help" in args):
         print(command_help(command))
         sys.exit(0)
-    cfg, given, options = parse_args(args, tuple(COMMAND_OPTIONS[command]))
+    cfg, given, options = parse_args(args, COMMAND_OPTIONS[command])
     validate(cfg)
     check_folder("output_dir", cfg["output_dir"])
     for option in ("cache_dir", "data_dir"):  # made only when needed (a judge to cache, a download)
@@ -1706,11 +1815,12 @@ def main(argv):
             train(cfg, given)
         return
     opts = parse_options(command, options, cfg)
-    if command == "dataset":
-        with output_folder_lock(opts["dataset_dir"], "dataset", "dataset_dir"):
-            write_dataset(cfg, opts)
-        return
-    {"sample": sample, "evaluate": evaluate}[command](cfg, opts)
+    with stop_cleanly_on_signal(command):
+        if command == "dataset":
+            with output_folder_lock(opts["dataset_dir"], "dataset", "dataset_dir"):
+                write_dataset(cfg, opts)
+        else:
+            {"sample": sample, "evaluate": evaluate}[command](cfg, opts)
 
 
 if __name__ == "__main__":
