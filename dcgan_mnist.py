@@ -125,17 +125,48 @@ def pick_device(name):
     return torch.device("cpu")
 
 
-def use_bf16(device, amp):
-    """bf16 autocast halves the convolution work only where the hardware computes bf16 natively;
-    elsewhere (most laptop CPUs, MPS) it is emulated and slower than float32, so we stay in float32."""
+def choose_precision(device_type, capability=(0, 0), cpu_bf16=False, amp=True):
+    """(autocast dtype, or None for float32; why), from what the hardware computes natively. Mixed precision
+    halves the convolution work only where the units exist; emulated, it is slower than float32. So: bf16 on
+    GPUs of compute capability >= 8.0 and on CPUs with AVX512-BF16/AMX; float16 on older GPUs (T4, V100: tensor
+    cores for float16, none for bf16), with a gradient scaler; float32 on other CPUs and on Apple GPUs."""
     if not amp:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":  # these two checks exist since torch 2.3; older versions: float32
-        return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported",
-                                                                    "_is_amx_tile_supported"))
-    return False
+        return None, "float32 (--amp=False)"
+    if device_type == "cuda" and capability >= (8, 0):
+        return torch.bfloat16, "bf16 autocast: this GPU computes bf16 natively"
+    if device_type == "cuda":
+        return torch.float16, "float16 autocast with a gradient scaler: this GPU has no bf16 units"
+    if device_type == "cpu" and cpu_bf16:
+        return torch.bfloat16, "bf16 autocast: this CPU computes bf16 natively (AVX512-BF16 or AMX)"
+    if device_type == "cpu":
+        return None, "float32: this CPU has no bf16 units (it would emulate them, slower)"
+    return None, f"float32 on {device_type}"
+
+
+def precision(device, amp=True):
+    """choose_precision() for this machine's `device`."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    cpu_bf16 = any(getattr(torch.cpu, f, lambda: False)()  # these checks exist since torch 2.3; older: float32
+                   for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return choose_precision(device.type, capability, cpu_bf16, amp)
+
+
+def autocast(device_type, dtype):
+    """Mixed precision in dtype (bf16 or float16); None: plain float32."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
+def backward_and_step(loss, optimizer, scaler=None):
+    """loss.backward() and optimizer.step(). In float16, the GradScaler multiplies the loss so that small
+    gradients do not underflow to 0, divides them back before the step, and skips steps whose gradients
+    overflowed (its scale adapts). bf16 has float32's range and needs none."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def use_channels_last(device, channels_last):
@@ -272,7 +303,7 @@ def weights_init(m):
         nn.init.normal_(m.weight, 0.0, 0.02)  # like the shared 4x4 filter it is added to
 
 
-GAN = namedtuple("GAN", "G D G_ema G_optimizer D_optimizer")
+GAN = namedtuple("GAN", "G D G_ema G_optimizer D_optimizer G_scaler D_scaler")  # scalers: None but in float16
 
 
 def build_models(cfg, device):
@@ -291,35 +322,37 @@ def build_models(cfg, device):
     if cfg["compile"]:  # compiles in place: state_dict keys stay plain (no "_orig_mod.")
         G.compile()
         D.compile()
-    return GAN(G, D, G_ema, G_optimizer, D_optimizer)
+    float16 = precision(device, cfg["amp"])[0] == torch.float16
+    G_scaler, D_scaler = (torch.amp.GradScaler(device.type) if float16 else None for _ in "GD")
+    return GAN(G, D, G_ema, G_optimizer, D_optimizer, G_scaler, D_scaler)
 
 
 # -----------------------------------------------------------------------------
 # 5. [DCGAN] Training steps. The GAN game: D learns to tell real digits from G's fakes, G learns to fool D.
-def D_train(real, G, D, D_optimizer, noise_dim, real_label=1.0, amp=False, labels=None, fake_labels=None):
+def D_train(real, G, D, D_optimizer, noise_dim, real_label=1.0, amp=None, labels=None, fake_labels=None, scaler=None):
     """One discriminator step: maximize log D(x) + log(1 - D(G(z))) on a real batch x and a fresh fake
     batch G(z), i.e. minimize binary cross-entropy with targets 1 (real) and 0 (fake).
     The fake is detached for D's loss: this step must update D only, and back-propagating into G here
     would be wasted work. Returns (loss, fake, D(x), D(G(z))): the fake still carries G's graph, so
     G_train reuses it instead of running G twice; D(x) and D(G(z)) are D's mean probabilities of "real".
     Conditional GAN: `labels` are the real batch's digits, D judges (image, label) pairs; G draws
-    `fake_labels` (default: the same digits; see pair_labels)."""
+    `fake_labels` (default: the same digits; see pair_labels). amp: the autocast dtype (None: float32);
+    scaler: a float16 run's GradScaler."""
     fake_labels = labels if fake_labels is None else fake_labels
     z = torch.randn(real.shape[0], noise_dim, 1, 1, device=real.device)
-    with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=amp):
+    with autocast(real.device.type, amp):
         fake = G(z, fake_labels)
         out_real = D(real, labels)
         out_fake = D(fake.detach(), fake_labels)  # detach: D's loss must not backpropagate into G
         loss = (F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, real_label))
                 + F.binary_cross_entropy_with_logits(out_fake, torch.zeros_like(out_fake)))
     D_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    D_optimizer.step()
+    backward_and_step(loss, D_optimizer, scaler)
     d_x, d_g_z = (torch.sigmoid(out.detach().float()).mean() for out in (out_real, out_fake))
     return loss.detach(), fake, d_x, d_g_z
 
 
-def G_train(fake, D, G_optimizer, amp=False, labels=None, mode_seeking=0.0):
+def G_train(fake, D, G_optimizer, amp=None, labels=None, mode_seeking=0.0, scaler=None):
     """One generator step: maximize log D(G(z)), i.e. BCE with target 1 ("real") on the fake batch.
     This is the non-saturating loss of the GAN paper: minimizing log(1 - D(G(z))) instead would give G
     almost no gradient early on, when D rejects its fakes easily. Returns that loss.
@@ -327,7 +360,7 @@ def G_train(fake, D, G_optimizer, amp=False, labels=None, mode_seeking=0.0):
     the two digits of each pair are (Mao et al. 2019, "Mode seeking GANs"). A conditional G tends to
     ignore z, because the label already tells it what to draw; then every 7 looks alike."""
     D.requires_grad_(False)  # gradients flow through D to G, but D's own weight gradients are not needed
-    with torch.autocast(fake.device.type, dtype=torch.bfloat16, enabled=amp):
+    with autocast(fake.device.type, amp):
         out = D(fake, labels)
         loss = F.binary_cross_entropy_with_logits(out, torch.ones_like(out))
     total = loss
@@ -336,8 +369,7 @@ def G_train(fake, D, G_optimizer, amp=False, labels=None, mode_seeking=0.0):
         distance = (fake[:half] - fake[n - half:]).float().abs().mean()  # mean pixel difference, 0 to 2
         total = loss + mode_seeking / (distance + 1e-5)  # large when the pairs look alike
     G_optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    G_optimizer.step()
+    backward_and_step(total, G_optimizer, scaler)
     D.requires_grad_(True)
     return loss.detach()
 
@@ -345,7 +377,7 @@ def G_train(fake, D, G_optimizer, amp=False, labels=None, mode_seeking=0.0):
 def new_fake(G, n, noise_dim, amp, labels, device):
     """A fresh fake batch, still carrying G's graph, for a further G step (G_STEPS > 1)."""
     z = torch.randn(n, noise_dim, 1, 1, device=device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    with autocast(device.type, amp):
         return G(z, labels)
 
 
@@ -443,14 +475,14 @@ def train_one_epoch(data, gan, state, cfg, amp, n_batches, on_timed=None):
         # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
         ############################
         d_loss, fake, d_x, d_g_z = D_train(real, gan.G, gan.D, gan.D_optimizer, cfg["noise_dim"],
-                                           cfg["real_label"], amp, labels, fake_labels)
+                                           cfg["real_label"], amp, labels, fake_labels, gan.D_scaler)
         ############################
         # (2) Update G network: maximize log(D(G(z))) (+ the mode-seeking term, conditional GAN)
         ############################
-        g_loss = G_train(fake, gan.D, gan.G_optimizer, amp, fake_labels, mode_seeking)
+        g_loss = G_train(fake, gan.D, gan.G_optimizer, amp, fake_labels, mode_seeking, gan.G_scaler)
         for _ in range(cfg["g_steps"] - 1):  # more G steps, each on a new fake batch (the seed tutorial's remedy)
             g_loss = G_train(new_fake(gan.G, len(real), cfg["noise_dim"], amp, fake_labels, device), gan.D,
-                             gan.G_optimizer, amp, fake_labels, mode_seeking)
+                             gan.G_optimizer, amp, fake_labels, mode_seeking, gan.G_scaler)
         ############################
         # (3) moving average of G: the generator we evaluate, sample and save
         ############################
@@ -646,9 +678,12 @@ def train(cfg, given=()):
         cfg = resume_settings(cfg, given, saved["config"])
         given = set(given) | set(saved["given"])  # what the first run was told counts as told (e.g. --eval_every)
     out, device = cfg["output_dir"], pick_device(cfg["device"])
+    amp, why = precision(device, cfg["amp"])
+    print(f"Device: {device}; {why}", flush=True)
     os.makedirs(out, exist_ok=True)
     data, judging, gan, fixed_noise, state = setup_training(cfg, given, saved, device)
-    amp = use_bf16(device, cfg["amp"])
+    if device.type == "cuda" and amp == torch.bfloat16:
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls left (cuDNN convs use it already)
     start_time = time.time() - state.elapsed  # the time budget counts the earlier part of a resumed run
     n_batches = math.ceil(len(data.images) / cfg["batch_size"])
     n_batches = min(n_batches, cfg["max_batches"] or n_batches)
@@ -1015,8 +1050,7 @@ def atomic_save(obj, path):
 def save_training_state(path, gan, fixed_noise, state, cfg, given):
     """Everything --resume needs: weights, optimizers, TrainState, random streams, settings (and which
     of them were given on the command line)."""
-    atomic_save({"G": gan.G.state_dict(), "D": gan.D.state_dict(), "G_ema": gan.G_ema.state_dict(),
-                 "G_optimizer": gan.G_optimizer.state_dict(), "D_optimizer": gan.D_optimizer.state_dict(),
+    atomic_save({**{name: part.state_dict() for name, part in gan._asdict().items() if part is not None},
                  "fixed_noise": fixed_noise, "state": asdict(state), "rng": rng_states(), "config": cfg,
                  "given": sorted(given)}, path)
 
@@ -1035,7 +1069,8 @@ def read_training_state(path):
     return saved
 
 
-TRAINING_STATE_PARTS = (*GAN._fields, "fixed_noise", "state", "rng", "config", "given")  # last.ckpt's top level
+TRAINING_STATE_PARTS = (*GAN._fields[:5], "fixed_noise", "state", "rng", "config", "given")  # last.ckpt's top
+# level; a float16 run's also has G_scaler and D_scaler (a run without them resumes with fresh ones)
 
 
 # They define what the saved weights and random streams mean: a resumed run cannot change them.
@@ -1062,7 +1097,7 @@ def resume_settings(cfg, given, saved_cfg):
 def restore_training_state(saved, gan, cfg):
     """Load a read_training_state() into the models; returns (TrainState, fixed noise).
     The optimizers get cfg's learning rates and betas: a resumed run may change them."""
-    for name in GAN._fields:
+    for name in [n for n in GAN._fields if getattr(gan, n) is not None and n in saved]:
         try:
             getattr(gan, name).load_state_dict(saved[name])
         except Exception as e:  # a part saved by another version: other shapes or keys

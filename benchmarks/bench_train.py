@@ -86,8 +86,8 @@ def ours_setup(data_dir, device):
 
 
 def run_ours(setup, steps, device):
-    data, (G, D, G_ema, G_optimizer, D_optimizer), cfg = setup
-    amp = dm.use_bf16(device, cfg["amp"])
+    data, (G, D, G_ema, G_optimizer, D_optimizer, G_scaler, D_scaler), cfg = setup
+    amp = dm.precision(device, cfg["amp"])[0]
     perm = torch.randperm(len(data), device=device)
     loss_sum, data_time = torch.zeros((), device=device), 0.0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -97,8 +97,8 @@ def run_ours(setup, steps, device):
         t = time.perf_counter()
         real = dm.to_float(data[perm[i * BATCH:(i + 1) * BATCH]])
         data_time += time.perf_counter() - t
-        d_loss, fake, _, _ = dm.D_train(real, G, D, D_optimizer, 100, cfg["real_label"], amp)
-        g_loss = dm.G_train(fake, D, G_optimizer, amp)
+        d_loss, fake, _, _ = dm.D_train(real, G, D, D_optimizer, 100, cfg["real_label"], amp, scaler=D_scaler)
+        g_loss = dm.G_train(fake, D, G_optimizer, amp, scaler=G_scaler)
         dm.ema_update(G_ema, G, cfg["ema_decay"], step=10 ** 6)
         loss_sum += d_loss + g_loss
     loss_sum.item()  # wait for the device, as the training loop does every 10 batches

@@ -35,7 +35,7 @@ BATCH = 128
 def one_stage_losses(real, G, D, noise_dim, amp):
     """D's loss, with a hook that turns the gradient reaching G into the non-saturating G gradient."""
     z = torch.randn(real.shape[0], noise_dim, 1, 1, device=real.device)
-    with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=amp):
+    with dm.autocast(real.device.type, amp):
         fake = G(z)
         out_real, out_fake = D(real), D(fake)  # fake not detached: D's backward continues into G
         loss = (F.binary_cross_entropy_with_logits(out_real, torch.ones_like(out_real))
@@ -73,7 +73,7 @@ def gradient_agreement(real, G, D, noise_dim, amp, seed, mixing=True):
             one_stage_losses(real, g, d, noise_dim, amp).backward()
         else:
             z = torch.randn(real.shape[0], noise_dim, 1, 1, device=real.device)
-            with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=amp):
+            with dm.autocast(real.device.type, amp):
                 d(real)  # the same BatchNorm running-stat update as above (it does not change the output)
                 out = d(g(z))
                 F.binary_cross_entropy_with_logits(out, torch.ones_like(out)).backward()
@@ -102,7 +102,7 @@ def main():
     args = p.parse_args()
     device = dm.pick_device(args.device)
     cfg = {name.lower(): getattr(dm, name) for name in dm.CONFIG_NAMES}
-    amp = dm.use_bf16(device, cfg["amp"])
+    amp = dm.precision(device, cfg["amp"])[0]
     mnist = dm.load_mnist(args.data_dir)
     data = torch.cat([mnist.train_images, mnist.test_images]).to(device)
     torch.manual_seed(0)

@@ -42,7 +42,7 @@ def main():
                                f"--conditional={args.conditional}", f"--merge_test={not args.conditional}"])
     setups = CONDITIONAL_SETUPS if args.conditional else SETUPS
     device = torch.device(args.device)
-    amp = dm.use_bf16(device, cfg["amp"])
+    amp = dm.precision(device, cfg["amp"])[0]
     # the script's own setup: its data (70,000 digits, or 60,000 held out), the judge, and fresh models
     data, judging, gan, _, _ = dm.setup_training(cfg, {"eval_every"}, None, device)
     batches_per_epoch = math.ceil(len(data.images) / cfg["batch_size"])

@@ -12,7 +12,7 @@ def _flat(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def _run_steps(mnist, steps=3, channels_last=False, compile=False, amp=False):
+def _run_steps(mnist, steps=3, channels_last=False, compile=False, amp=None):
     """`steps` D+G steps from seed 0 on the same batches with the same noise.
     Returns (losses, [flat G+D weights before and after each step])."""
     torch.manual_seed(0)
@@ -65,7 +65,7 @@ def test_channels_last_and_compile_compute_the_same_steps(mnist):
 def test_bf16_autocast_follows_the_float32_steps(mnist):
     """bf16 keeps about 3 significant digits: losses agree to ~1%, and the weights move the same way."""
     base_losses, base_w = _run_steps(mnist)
-    bf16_losses, bf16_w = _run_steps(mnist, channels_last=True, amp=True)
+    bf16_losses, bf16_w = _run_steps(mnist, channels_last=True, amp=torch.bfloat16)
     torch.testing.assert_close(bf16_losses, base_losses, rtol=0.03, atol=0.01)
     step, step_bf16 = base_w[-1] - base_w[0], bf16_w[-1] - bf16_w[0]
     assert torch.nn.functional.cosine_similarity(step, step_bf16, dim=0) > 0.9
