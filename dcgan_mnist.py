@@ -56,6 +56,8 @@ BATCH_SIZE = 128        # images per training step
 MERGE_TEST = True       # train on train+test (70,000 digits); False: the 60,000 training digits only (honest FID)
 # model
 NOISE_DIM = 100         # size of the generator's input noise vector z
+NGF = 64                # G's width: channels of its last hidden layer (x2, x4 before it); the tutorial's 64
+NDF = 64                # D's width: channels of its first layer (x2, x4 after it); the tutorial's 64
 CONDITIONAL = False     # True: G(z, y) draws the digit y it is asked for, D(x, y) judges the pair
 # optimization
 LR_D = 1.6e-3           # discriminator Adam learning rate (twice 8e-4: the same FID in a third of the time)
@@ -228,23 +230,23 @@ def to_float(images):
 # 4. [DCGAN] Models. D ends in a logit (no Sigmoid): BCEWithLogitsLoss is stable, and safe under autocast.
 # With n_classes > 0 (CONDITIONAL) both take the digit label y; with 0 they are the tutorial's DCGAN.
 class Discriminator(nn.Module):
-    def __init__(self, n_classes=0):
+    def __init__(self, n_classes=0, ndf=NDF):
         super().__init__()
         self.n_classes = n_classes
         self.main = nn.Sequential(
             # input is (1) x 28 x 28
-            nn.Conv2d(1, 64, 4, 2, 1, bias=False),
+            nn.Conv2d(1, ndf, 4, 2, 1, bias=False),
             nn.LeakyReLU(0.2, inplace=True),  # no BatchNorm on the input layer (DCGAN paper)
-            # state size. (64) x 14 x 14
-            nn.Conv2d(64, 128, 4, 2, 1, bias=False),
-            nn.BatchNorm2d(128),
+            # state size. (ndf) x 14 x 14
+            nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ndf * 2),
             nn.LeakyReLU(0.2, inplace=True),
-            # state size. (128) x 7 x 7
-            nn.Conv2d(128, 256, 3, 2, 1, bias=False),
-            nn.BatchNorm2d(256),
+            # state size. (ndf*2) x 7 x 7
+            nn.Conv2d(ndf * 2, ndf * 4, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(ndf * 4),
             nn.LeakyReLU(0.2, inplace=True),
-            # state size. (256) x 4 x 4
-            nn.Conv2d(256, 1, 4, 1, 0, bias=False),
+            # state size. (ndf*4) x 4 x 4
+            nn.Conv2d(ndf * 4, 1, 4, 1, 0, bias=False),
             # state size. (1) x 1 x 1: a logit; torch.sigmoid of it is D's probability that x is real
         )
         if n_classes:
@@ -252,35 +254,35 @@ class Discriminator(nn.Module):
             # last features, logit = <w + embed(y), h(x)>, so D judges "a real digit y?" from the image
             # alone. Against 10 label maps on D's input it read right more often and trained a better
             # classifier (benchmarks/conditional.py; README).
-            self.embed = nn.Embedding(n_classes, 256 * 4 * 4)
+            self.embed = nn.Embedding(n_classes, ndf * 4 * 4 * 4)
 
     def forward(self, x, y=None):
         if not self.n_classes:
             return self.main(x)
-        h = self.main[:-1](x)  # state size. (256) x 4 x 4
+        h = self.main[:-1](x)  # state size. (ndf*4) x 4 x 4
         projection = (self.embed(y) * h.flatten(1)).sum(1)
         return self.main[-1](h) + projection.view(-1, 1, 1, 1)
 
 
 class Generator(nn.Module):
-    def __init__(self, noise_dim=NOISE_DIM, n_classes=0):
+    def __init__(self, noise_dim=NOISE_DIM, n_classes=0, ngf=NGF):
         super().__init__()
         self.n_classes = n_classes
         self.main = nn.Sequential(
             # input is Z: (noise_dim) x 1 x 1, and for a conditional G the one-hot label: (n_classes) x 1 x 1
-            nn.ConvTranspose2d(noise_dim + n_classes, 256, 4, 1, 0, bias=False),
-            nn.BatchNorm2d(256),
+            nn.ConvTranspose2d(noise_dim + n_classes, ngf * 4, 4, 1, 0, bias=False),
+            nn.BatchNorm2d(ngf * 4),
             nn.ReLU(True),
-            # state size. (256) x 4 x 4
-            nn.ConvTranspose2d(256, 128, 4, 2, 1, bias=False),
-            nn.BatchNorm2d(128),
+            # state size. (ngf*4) x 4 x 4
+            nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ngf * 2),
             nn.ReLU(True),
-            # state size. (128) x 8 x 8
-            nn.ConvTranspose2d(128, 64, 4, 2, 1, bias=False),
-            nn.BatchNorm2d(64),
+            # state size. (ngf*2) x 8 x 8
+            nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ngf),
             nn.ReLU(True),
-            # state size. (64) x 16 x 16
-            nn.ConvTranspose2d(64, 1, 4, 2, 3, bias=False),
+            # state size. (ngf) x 16 x 16
+            nn.ConvTranspose2d(ngf, 1, 4, 2, 3, bias=False),
             nn.Tanh(),
             # state size. (1) x 28 x 28, in [-1, 1] like the normalized data
         )
@@ -309,8 +311,8 @@ GAN = namedtuple("GAN", "G D G_ema G_optimizer D_optimizer G_scaler D_scaler")  
 def build_models(cfg, device):
     """G and D (DCGAN init), the averaged copy of G that we sample from, and two separate Adams."""
     n_classes = N_CLASSES if cfg["conditional"] else 0
-    G = Generator(cfg["noise_dim"], n_classes).to(device)
-    D = Discriminator(n_classes).to(device)
+    G = Generator(cfg["noise_dim"], n_classes, cfg["ngf"]).to(device)
+    D = Discriminator(n_classes, cfg["ndf"]).to(device)
     G.apply(weights_init)
     D.apply(weights_init)
     if use_channels_last(device, cfg["channels_last"]):
@@ -1074,7 +1076,7 @@ TRAINING_STATE_PARTS = (*GAN._fields[:5], "fixed_noise", "state", "rng", "config
 
 
 # They define what the saved weights and random streams mean: a resumed run cannot change them.
-FIXED_ON_RESUME = ("batch_size", "noise_dim", "seed", "conditional", "merge_test")
+FIXED_ON_RESUME = ("batch_size", "noise_dim", "ngf", "ndf", "seed", "conditional", "merge_test")
 
 
 def resume_settings(cfg, given, saved_cfg):
@@ -1143,11 +1145,12 @@ def load_checkpoint(path, device):
 
 
 def load_generator(path, noise_dim, device):
-    """A G_model.ckpt-style state_dict. Conditional or not is read off its first layer: a conditional G
-    takes noise_dim + 10 input channels (the one-hot label), an unconditional one noise_dim."""
+    """A G_model.ckpt-style state_dict. Its first layer tells what G it is: a conditional G takes
+    noise_dim + 10 input channels (the one-hot label), an unconditional one noise_dim; it has ngf * 4 outputs."""
     state = load_checkpoint(path, device)
-    in_channels = state.get("main.0.weight", torch.empty(0)).shape[:1] if isinstance(state, dict) else ()
-    G = Generator(noise_dim, N_CLASSES if in_channels == (noise_dim + N_CLASSES,) else 0).to(device)
+    shape = tuple(state.get("main.0.weight", torch.empty(0)).shape) if isinstance(state, dict) else ()
+    conditional = shape[:1] == (noise_dim + N_CLASSES,)
+    G = Generator(noise_dim, N_CLASSES if conditional else 0, shape[1] // 4 if len(shape) == 4 else NGF).to(device)
     try:
         G.load_state_dict(state)
     except Exception as e:
@@ -1663,6 +1666,8 @@ def validate(cfg):
     checks = [
         ("batch_size", cfg["batch_size"] >= 1, "must be at least 1"),
         ("noise_dim", cfg["noise_dim"] >= 1, "must be at least 1"),
+        ("ngf", cfg["ngf"] >= 1, "must be at least 1"),
+        ("ndf", cfg["ndf"] >= 1, "must be at least 1"),
         ("lr_d", 0 < cfg["lr_d"] < math.inf, "must be a positive number"),
         ("lr_g", 0 < cfg["lr_g"] < math.inf, "must be a positive number"),
         ("betas", all(0 <= b < 1 for b in cfg["betas"]), "must be two numbers in [0, 1)"),

@@ -1,11 +1,13 @@
 """Right on the machines readers have: the precision each gets, the float16 + GradScaler path (run on the CPU,
 as on a T4), and what a run says about its machine before it trains."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import DATA_DIR, dm, run_main
+from conftest import DATA_DIR, ROOT, dm, run_main
 
 SMALL = ["--epochs=2", "--max_batches=6", "--batch_size=16", f"--data_dir={DATA_DIR}"]
 
@@ -68,3 +70,19 @@ def test_a_float32_run_resumes_as_float16_with_fresh_scalers(float16, tmp_path, 
     result = run_main(*SMALL, "--resume", f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Epoch [2/2]" in result.stdout
+
+
+def test_the_gpu_check_runs_dry_on_the_cpu(judge_cache, tmp_path):
+    """benchmarks/gpu_check.sh is ready for the first GPU lent: its every step runs here, tiny, with --dry."""
+    env = {**os.environ, "DATA_DIR": DATA_DIR, "CACHE_DIR": judge_cache, "OUT": str(tmp_path),
+           "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    out = result.stdout
+    for step in ("== 1. precision", "== 3. bench_train.py", "== 4. step_cost.py", "== 5. the default run"):
+        assert step in out, step
+    assert "float32: this CPU has no bf16 units" in out or "bf16 autocast" in out
+    assert "w32" in out and "GFLOP/s" in out  # the step costs
+    assert "Epoch [1/1]" in out and "FID:" in out and "gpu_check done" in out
+    assert os.path.isfile(tmp_path / "metrics.csv")

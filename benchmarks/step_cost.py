@@ -1,0 +1,94 @@
+"""
+The cost of one training batch (the script's own train_one_epoch) for several settings, interleaved, with its
+FLOP count: how far each is from the machine's limit, and what a default run costs per epoch.
+
+    python benchmarks/step_cost.py --data_dir=../shared/data [--device=auto] [--steps=15] [--rounds=3] [--no_amp]
+        [--only=w64,w32]   (the compile settings run only where named in --only)
+
+Each round trains `steps` batches of every setting in turn (after one warm-up round), so slow spells of a
+shared machine hit all alike; medians of the rounds are printed. FLOPs: torch.utils.flop_counter on one batch
+(convolutions and matmuls, forward and backward; a multiply-add counts 2).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import dcgan_mnist as dm  # noqa: E402
+
+SETTINGS = {  # name: overrides of the script's defaults
+    "w64": {},
+    "w64 plain layout": {"channels_last": False},
+    "w64 1 G step": {"g_steps": 1},
+    "w48": {"ngf": 48, "ndf": 48},
+    "w32": {"ngf": 32, "ndf": 32},
+    "w32 1 G step": {"ngf": 32, "ndf": 32, "g_steps": 1},
+    "G64 D32": {"ndf": 32},
+    "G64 D48": {"ndf": 48},
+    "G48 D32": {"ngf": 48, "ndf": 32},
+    "w64 compile": {"compile": True},  # torch.compile's default mode (fuses small kernels)
+    "w64 compile CUDA graphs": {"compile_mode": "reduce-overhead"},  # and replays each step as one CUDA graph
+}
+
+
+def batch_flops(data, gan, cfg, amp):
+    with FlopCounterMode(display=False) as counter:
+        dm.train_one_epoch(data, gan, dm.TrainState(), cfg, amp, 1)
+    return counter.get_total_flops()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--data_dir", default=dm.DATA_DIR)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no_amp", action="store_true", help="float32 on any machine")
+    p.add_argument("--only", default="", help="comma-separated setting names")
+    args = p.parse_args()
+    device = dm.pick_device(args.device)
+    base, _, _ = dm.parse_args([f"--data_dir={args.data_dir}", f"--amp={not args.no_amp}"])
+    amp, why = dm.precision(device, base["amp"])
+    mnist = dm.load_mnist(args.data_dir)
+    data = dm.Data(torch.cat([mnist.train_images, mnist.test_images]).to(device),
+                   torch.cat([mnist.train_labels, mnist.test_labels]).to(device))
+    names = [n for n in SETTINGS if n in args.only.split(",") or not args.only and "compile" not in n]
+    runs = {}
+    for name in names:
+        cfg = dict(base, **SETTINGS[name])
+        torch.manual_seed(0)
+        gan = dm.build_models(cfg, device)
+        if "compile_mode" in cfg:
+            gan.G.compile(mode=cfg["compile_mode"])
+            gan.D.compile(mode=cfg["compile_mode"])
+        plain = dict(cfg, compile=False)  # FLOPs counted on an uncompiled copy: compiling changes no FLOP
+        runs[name] = (cfg, gan, batch_flops(data, dm.build_models(plain, device), plain, amp))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"device={device} ({why}) capability={torch.backends.cpu.get_cpu_capability()} "
+          f"threads={torch.get_num_threads()} steps={args.steps} rounds={args.rounds}")
+    times = {n: [] for n in names}
+    for r in range(args.rounds + 1):  # round 0 warms up
+        for name in names:
+            cfg, gan, _ = runs[name]
+            sync()
+            t = time.perf_counter()
+            dm.train_one_epoch(data, gan, dm.TrainState(), cfg, amp, args.steps)
+            sync()
+            if r:
+                times[name].append((time.perf_counter() - t) / args.steps)
+    batches = -(-len(data.images) // base["batch_size"])
+    print(f"{'setting':<18} {'s/batch':>8} {'GFLOP/batch':>12} {'GFLOP/s':>8} {'min/epoch':>10} {'vs w64':>7}")
+    ref = statistics.median(times[names[0]])
+    for name in names:
+        s = statistics.median(times[name])
+        gflop = runs[name][2] / 1e9
+        print(f"{name:<18} {s:8.3f} {gflop:12.1f} {gflop / s:8.1f} {s * batches / 60:10.2f} {s / ref:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
