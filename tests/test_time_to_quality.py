@@ -76,6 +76,7 @@ def test_the_conditional_gan_has_its_own_measured_defaults_unless_told():
     assert (plain["g_steps"], plain["epochs"]) == (dm.G_STEPS, dm.EPOCHS) == (2, 7)
     cond, given, _ = dm.parse_args(["--conditional=True"])
     assert (cond["g_steps"], cond["epochs"]) == (1, 10) and given == {"conditional"}
+    assert (plain["ndf"], cond["ndf"], plain["ngf"], cond["ngf"]) == (32, 64, 64, 64)  # the set was measured at 64
     told, _, _ = dm.parse_args(["--conditional=True", "--g_steps=3", "--epochs=2"])
     assert (told["g_steps"], told["epochs"]) == (3, 2)
     # a resumed conditional run keeps what it was trained with, not these defaults
