@@ -4,7 +4,7 @@
 #   1. the precision line (device, dtype and why);
 #   2. the CPU-independent tests, on the GPU machine's torch;
 #   3. bench_train.py --device=cuda (the tutorial's loop against ours);
-#   4. step_cost.py on CUDA: width 64, plain, torch.compile and compile with CUDA graphs (reduce-overhead);
+#   4. step_cost.py on CUDA: widths, plain layout, torch.compile and compile with CUDA graphs (reduce-overhead);
 #   5. the default run, timed, with its FID per epoch (metrics.csv) and `evaluate` on fresh draws.
 #
 #   DATA_DIR=<folder holding MNIST/raw/> bash benchmarks/gpu_check.sh          # on the GPU
@@ -27,7 +27,7 @@ if ls "$DATA"/MNIST/raw/*.gz >/dev/null 2>&1; then
 fi
 if [ "$DRY" = 1 ]; then
   DEV=cpu; RUN=(--epochs=1 --max_batches=3 --batch_size=16 --eval_every=1 --eval_samples=200 --eval_draws=1)
-  STEPS=(--steps=2 --rounds=1); EVAL=(--n=200)
+  STEPS=(--steps=1 --rounds=1); EVAL=(--n=200)
 else
   DEV=cuda; RUN=(); STEPS=(--steps=30 --rounds=3); EVAL=(--n=10000)
 fi
@@ -44,8 +44,8 @@ fi
 echo "== 3. bench_train.py"
 "$PY" benchmarks/bench_train.py --data_dir="$DATA" --device="$DEV" "${STEPS[@]}" 2>&1 | tail -4
 echo "== 4. step_cost.py"
-ONLY="w64,w64 plain layout,w32"
-[ "$DRY" = 0 ] && ONLY="$ONLY,w64 compile,w64 compile CUDA graphs"
+ONLY="G64 D32"
+[ "$DRY" = 0 ] && ONLY="G64 D64,G64 D64 plain layout,G64 D32,G32 D32,G64 D32 compile,G64 D32 compile CUDA graphs"
 timeout 200 "$PY" benchmarks/step_cost.py --data_dir="$DATA" --device="$DEV" "${STEPS[@]}" --only="$ONLY" 2>&1 \
   | tail -8 || echo "(step_cost: failed or cut at 200 s)"
 echo "== 5. the default run"

@@ -50,8 +50,8 @@ def test_one_stage_factor_turns_d_fake_gradient_into_the_generator_gradient():
     torch.manual_seed(0)
     G, D = dm.Generator(dm.NOISE_DIM).apply(dm.weights_init), dm.Discriminator().apply(dm.weights_init)
     real = torch.rand(32, 1, 28, 28) * 2 - 1
-    exact = one_stage.gradient_agreement(real, G, D, dm.NOISE_DIM, False, seed=0, mixing=False)
-    mixed = one_stage.gradient_agreement(real, G, D, dm.NOISE_DIM, False, seed=0, mixing=True)
+    exact = one_stage.gradient_agreement(real, G, D, dm.NOISE_DIM, None, seed=0, mixing=False)
+    mixed = one_stage.gradient_agreement(real, G, D, dm.NOISE_DIM, None, seed=0, mixing=True)
     assert exact > 0.9999
     assert mixed < 0.999
 
