@@ -81,7 +81,7 @@ def test_sigterm_saves_state_and_exits_143(tmp_path):
 def test_second_ctrl_c_quits_at_once_without_touching_files(tmp_path):
     out = str(tmp_path / "twice")
     # big batches: the first Ctrl-C waits for the end of a batch, the second must not
-    proc = start_script(*SMALL, "--batch_size=1024", "--max_batches=2", f"--output_dir={out}")
+    proc = start_script(*SMALL, "--batch_size=512", "--max_batches=2", f"--output_dir={out}")
     wait_for(lambda: os.path.exists(os.path.join(out, "last.ckpt")) or proc.poll() is not None,
              timeout=300, what="last.ckpt of epoch 1")
     before = file_bytes(out)
