@@ -1624,7 +1624,7 @@ def parse_args(argv, extra=None):
                 arg[2:] not in switches or after.lower() in BOOLS):  # "--epochs 5" = "--epochs=5"; a bare --resume: True
             arg = f"{arg}={argv.pop(0)}"
         if arg in ("-h", "--help"):
-            print(__doc__.strip() + "\n\nHyperparameters (--name=value):\n" + config_help()
+            print(__doc__.strip() + "\n\nHyperparameters (--name=value or --name value):\n" + config_help()
                   + f"\n\n--conditional=True changes these defaults (CONDITIONAL_DEFAULTS): {CONDITIONAL_DEFAULTS}")
             sys.exit(0)
         name, eq, text = arg[2:].partition("=")
