@@ -325,7 +325,8 @@ def build_models(cfg, device):
         G.compile()
         D.compile()
     float16 = precision(device, cfg["amp"])[0] == torch.float16
-    G_scaler, D_scaler = (torch.amp.GradScaler(device.type) if float16 else None for _ in "GD")
+    G_scaler = torch.amp.GradScaler(device.type) if float16 else None  # one per player: each steps on its own
+    D_scaler = torch.amp.GradScaler(device.type) if float16 else None
     return GAN(G, D, G_ema, G_optimizer, D_optimizer, G_scaler, D_scaler)
 
 
@@ -449,9 +450,14 @@ class TrainState:
 STOP = {"signal": None}  # set by the first Ctrl-C / SIGTERM; the loop stops after the current batch
 
 
+def quit_at_once(signum, frame):
+    """A second Ctrl-C / SIGTERM: leave at once, touching no file."""
+    os._exit(128 + signum)
+
+
 def handle_stop_signal(signum, frame):
-    if STOP["signal"] is not None:  # second signal: leave at once, touching no file
-        os._exit(128 + signum)
+    if STOP["signal"] is not None:
+        quit_at_once(signum, frame)
     STOP["signal"] = signum
     print("\nStopping after this batch and saving last.ckpt (press Ctrl-C again to quit at once) ...",
           file=sys.stderr, flush=True)
@@ -1562,7 +1568,7 @@ def stop_cleanly_on_signal(command):
     handlers, as in train(): a background process may start with SIGINT ignored. A second signal quits at once."""
     def stop(signum, frame):
         for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, lambda n, f: os._exit(128 + n))
+            signal.signal(s, quit_at_once)
         raise Interrupted(signum)
     old_handlers = [signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)]
     try:
