@@ -32,7 +32,7 @@ import signal
 import sys
 import time
 import warnings
-from collections import namedtuple
+from collections import Counter, namedtuple
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -781,27 +781,47 @@ class Judge(nn.Module):
         return self.classify(self.features(x))
 
 
-def train_judge(train_x, train_y, device, epochs=3, seed=0):
-    """Three epochs of Adam: 99.1% test accuracy, in about 30 s on 2 CPU cores."""
+def train_judge(train_x, train_y, device, epochs=3, seed=0, say_time=False):
+    """Three epochs of Adam: 99.1% test accuracy, in 30-110 s on 2 CPU cores."""
     with torch.random.fork_rng(devices=[]):  # own seed; leaves the GAN's random streams alone
         torch.manual_seed(seed)
         judge = Judge().to(device)
         return fit_classifier(judge, torch.optim.Adam(judge.parameters(), lr=1e-3), train_x, train_y, device,
-                              epochs, "judge")
+                              epochs, "judge", say_time=say_time)
 
 
-def fit_classifier(model, opt, train_x, train_y, device, epochs, name, schedule=None):
-    """Minibatches of 128 in a new random order each epoch, cross-entropy; the model in eval mode."""
+def fit_classifier(model, opt, train_x, train_y, device, epochs, name, schedule=None, shift=0, say_time=False):
+    """Minibatches of 128 in a new random order each epoch, cross-entropy; the model in eval mode.
+    shift > 0: each digit moved by up to `shift` pixels each time it is seen (random_shift). say_time: one
+    line, after the first 20 batches, with roughly how long the whole training takes on this machine."""
+    start, steps = time.time(), epochs * math.ceil(len(train_x) / 128)
     for epoch in range(epochs):
         perm = torch.randperm(len(train_x))
-        for idx in tqdm(perm.split(128), desc=f"{name} epoch {epoch + 1}/{epochs}", leave=False, disable=None):
-            loss = F.cross_entropy(model(to_float(train_x[idx].to(device))), train_y[idx].to(device))
+        for i, idx in enumerate(tqdm(perm.split(128), desc=f"{name} epoch {epoch + 1}/{epochs}", leave=False,
+                                     disable=None)):
+            x = to_float(train_x[idx].to(device))
+            loss = F.cross_entropy(model(random_shift(x, shift) if shift else x), train_y[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if schedule:
                 schedule.step()
+            if say_time and epoch == 0 and i == 19:
+                print(f"  about {(time.time() - start) / 20 * steps / 60:.1f} min on this machine "
+                      f"({steps:,} batches of 128)", flush=True)
     return model.eval()
+
+
+def random_shift(x, pixels):
+    """Each image of the batch moved by its own random whole-pixel offset (dx, dy) in [-pixels, pixels],
+    background (-1) coming in at the edges: a classifier learns that a digit is the same digit a little
+    off-centre (the classic MNIST augmentation)."""
+    n, size = len(x), x.shape[-1]
+    padded = F.pad(x, (pixels,) * 4, value=-1.0)
+    dy, dx = torch.randint(0, 2 * pixels + 1, (2, n, 1), device=x.device)
+    rows = (torch.arange(size, device=x.device) + dy)[:, :, None]  # (n, size, 1)
+    cols = (torch.arange(size, device=x.device) + dx)[:, None, :]  # (n, 1, size)
+    return padded[torch.arange(n, device=x.device)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
 @torch.no_grad()
@@ -838,7 +858,8 @@ def get_judge(cache_dir, mnist, device, reader=None):
     what = "the FID judge (LeNet)" if reader is None else f"the classifier {reader} ({CLASSIFIERS[reader].about})"
     print(f"Training {what} on these {len(mnist.train_images):,} training digits (once; cached in {path}) ...")
     x, y = mnist.train_images, mnist.train_labels
-    judge = train_judge(x, y, device) if reader is None else train_reader(reader, x, y, device)
+    judge = train_judge(x, y, device, say_time=True) if reader is None else train_reader(reader, x, y, device,
+                                                                                           say_time=True)
     accuracy = judge_accuracy(judge, mnist.test_images, mnist.test_labels, device)
     print(f"Its test accuracy: {accuracy:.2%}")
     try:
@@ -878,13 +899,25 @@ def all_conv():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
 
 
-Reader = namedtuple("Reader", "build epochs optimizer about file")
+def cnn():
+    """The MNIST CNN of pytorch/examples (mnist/main.py), the one a reader is likeliest to train first: two 3x3
+    convolutions, one max pooling, dropout, two fully connected layers."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(),                                   # state size. (32) x 26 x 26
+        nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25),  # state size. (64) x 12 x 12
+        nn.Flatten(), nn.Linear(64 * 12 * 12, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
+
+
+Reader = namedtuple("Reader", "build epochs optimizer about file shift", defaults=(0,))  # shift: random_shift
 READERS = {  # name: a family unlike the judge's LeNet, and a recipe unlike train_judge's (3 epochs of Adam 1e-3)
     "mlp": Reader(mlp, 10, lambda p: torch.optim.Adam(p, lr=1e-3),
                   "a 784-512-256-10 perceptron, 10 epochs of Adam", "reader_mlp_v1"),
     "allconv": Reader(all_conv, 3, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True,
                                                            weight_decay=5e-4),
                       "an all-convolutional net with BatchNorm, 3 epochs of SGD", "reader_allconv_v1"),
+    "cnn": Reader(cnn, 4, lambda p: torch.optim.Adam(p, lr=1e-3),  # the strong reader: 99.4% on real digits
+                  "pytorch/examples' MNIST CNN, 4 epochs of Adam on digits shifted by up to 2 pixels",
+                  "reader_cnn_v1", 2),
 }
 
 
@@ -917,7 +950,7 @@ BUILDER = Reader(resnet, 2, lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay
 CLASSIFIERS = {**READERS, "resnet": BUILDER}  # every classifier trained by train_reader, by name
 
 
-def train_reader(name, train_x, train_y, device, seed=1):
+def train_reader(name, train_x, train_y, device, seed=1, say_time=False):
     """Classifier `name` trained its own way on these labeled uint8 digits: its optimizer for its epochs, the
     learning rate falling linearly to 0 over the run, and a seed other than the judge's."""
     r = CLASSIFIERS[name]
@@ -927,7 +960,7 @@ def train_reader(name, train_x, train_y, device, seed=1):
         opt = r.optimizer(model.parameters())
         steps = r.epochs * math.ceil(len(train_x) / 128)
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
-        return fit_classifier(model, opt, train_x, train_y, device, r.epochs, name, schedule)
+        return fit_classifier(model, opt, train_x, train_y, device, r.epochs, name, schedule, r.shift, say_time)
 
 
 @torch.no_grad()
@@ -1306,15 +1339,15 @@ def sample(cfg, opts):
 
 
 def labeled_fakes(G, n, noise_dim, device, seed, noise_std, judge=None, min_p=0.0, builder=None, agree=0.0,
-                  chunk=CHUNK):
+                  chunk=CHUNK, tally=None):
     """n generated digits (uint8) and their labels, drawn as `dataset` draws them (labeled_fake_chunks)."""
     images, labels = zip(*labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge, min_p, builder,
-                                              agree, chunk))
+                                              agree, chunk, tally))
     return torch.cat(images), torch.cat(labels)
 
 
 def labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge=None, min_p=0.0, builder=None, agree=0.0,
-                        chunk=CHUNK):
+                        chunk=CHUNK, tally=None):
     """n generated digits (uint8) and their labels, `chunk` at a time from one random stream: the digits
     a conditional G was asked for (balanced, in shuffled order), or, for an unconditional G, the judge's
     reading of each (only as good as the judge).
@@ -1323,7 +1356,7 @@ def labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge=None, mi
     conditional G draws 3x and keeps 1/3 (a tenth of each digit), those the judge reads as the digit
     asked for with probability >= min_p (judge_filter): wide noise also draws digits that no longer look
     like their label, which teach a classifier wrong. agree > 0 (DATASET_AGREE): the second builder, of
-    another family, must read them as asked too, with probability >= agree."""
+    another family, must read them as asked too, with probability >= agree. tally: see judge_filter."""
     gen = rng(seed)
     for start in range(0, n, chunk):
         k = min(chunk, n - start)
@@ -1336,31 +1369,41 @@ def labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge=None, mi
         images = generate(G, draws, noise_dim, device, gen, asked, noise_std=noise_std)
         if min_p:
             second = class_probs(builder, images, device) if agree else None
-            keep = judge_filter(judge_outputs(judge, images, device)[1], asked, k, gen, min_p, second, agree)
+            keep = judge_filter(judge_outputs(judge, images, device)[1], asked, k, gen, min_p, second, agree, tally)
             images, asked = images[keep], asked[keep]
         yield to_uint8(images), asked
 
 
-def judge_filter(probs, asked, n, seed, min_p=0.5, second=None, agree=0.0):
+def read_as_asked(probs, asked, min_p):
+    """Which digits a builder (class probabilities `probs`) reads as the digit asked for, with p >= min_p."""
+    probs = torch.as_tensor(probs)
+    return (probs.argmax(1) == asked) & (probs[torch.arange(len(asked)), asked] >= min_p)
+
+
+def judge_filter(probs, asked, n, seed, min_p=0.5, second=None, agree=0.0, tally=None):
     """Indices of n of the drawn digits, each digit n/10 times (+-1): first those the judge reads as the
     digit asked for with probability >= min_p, and the second builder (probabilities `second`, if given) with
     probability >= agree, at random among them (keeping G's variety, not only its clearest digits); only if
     too few of a digit pass, the ones the judge finds likeliest to be it (a weak G still gives n).
     Why two builders: a stricter judge alone (min_p 0.999) also gives labels that other classifiers agree
     with, but it drops the hard, correct digits near its own decision boundaries, and train-on-fake falls
-    further behind; a second family drops mostly the ambiguous ones (docs/results.md, "The fake MNIST")."""
+    further behind; a second family drops mostly the ambiguous ones (docs/results.md, "The fake MNIST").
+    tally (a Counter, if given) adds up the digits drawn, those each builder turned away, and those kept
+    although they did not pass ("short")."""
     p_asked = torch.from_numpy(probs)[torch.arange(len(asked)), asked]
-    passed = (torch.from_numpy(probs.argmax(1)) == asked) & (p_asked >= min_p)
-    if second is not None:
-        p_second = second[torch.arange(len(asked)), asked]
-        passed &= (second.argmax(1) == asked) & (p_second >= agree)
+    judge_ok = read_as_asked(probs, asked, min_p)
+    second_ok = read_as_asked(second, asked, agree) if second is not None else torch.ones_like(judge_ok)
+    passed = judge_ok & second_ok
     gen = rng(seed)
     order = torch.rand(len(asked), generator=gen)
     rank = torch.where(passed, 1 + order, p_asked)  # passed digits (>= 1) before the others (< 1)
     wanted = torch.bincount(balanced_labels(n), minlength=N_CLASSES)
-    keep = [torch.nonzero(asked == d).flatten()[rank[asked == d].argsort(descending=True)[:wanted[d]]]
-            for d in range(N_CLASSES)]
-    return torch.cat(keep)[torch.randperm(n, generator=gen)]
+    keep = torch.cat([torch.nonzero(asked == d).flatten()[rank[asked == d].argsort(descending=True)[:wanted[d]]]
+                      for d in range(N_CLASSES)])
+    if tally is not None:
+        tally.update(drawn=len(asked), judge=int((~judge_ok).sum()), resnet=int((~second_ok).sum()),
+                     short=int((~passed[keep]).sum()))
+    return keep[torch.randperm(n, generator=gen)]
 
 
 def write_dataset(cfg, opts):
@@ -1372,13 +1415,38 @@ def write_dataset(cfg, opts):
     G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
     judge, builder = get_builders(G, cfg, None, device)
     os.makedirs(raw, exist_ok=True)
+    tally = Counter()
     for split, n, offset in (("train", opts["n"], 0), ("t10k", opts["n_test"], 1)):
         chunks = labeled_fake_chunks(G, n, cfg["noise_dim"], device, cfg["seed"] + SEED_OFFSET_DATASET + offset,
                                      cfg["dataset_noise"], judge, cfg["dataset_filter"], builder,
-                                     builder_agree(G, cfg), CHUNK)
-        write_idx_split(raw, split, n, chunks)
-    print(f"Wrote {opts['n']} training and {opts['n_test']} test digits to {raw}/ ({dataset_source(G, cfg)}). "
+                                     builder_agree(G, cfg), CHUNK, tally)
+        write_idx_split(raw, split, n, with_progress(chunks, n, f"{split} digits", tally))
+    print(f"Wrote {opts['n']:,} training and {opts['n_test']:,} test digits to {raw}/ ({dataset_source(G, cfg)}). "
           f"Load with torchvision.datasets.MNIST({opts['dataset_dir']!r}) or --data_dir={opts['dataset_dir']}")
+    if tally["drawn"]:
+        print(turned_away(tally))
+
+
+def with_progress(chunks, n, desc, tally):
+    """The chunks, passed on, with a progress bar over the digits written and the share of drawn digits kept."""
+    drawn_before = tally["drawn"]  # the tally runs on over both splits
+    with tqdm(total=n, desc=desc, unit=" digits", disable=None) as bar:
+        for images, labels in chunks:
+            bar.update(len(labels))
+            if tally["drawn"] > drawn_before:
+                bar.set_postfix_str(f"kept {bar.n / (tally['drawn'] - drawn_before):.0%} of those drawn")
+            yield images, labels
+
+
+def turned_away(tally):
+    """One line: how many of the digits drawn each builder turned away (a digit can fail both)."""
+    d = tally["drawn"]
+    line = f"Of {d:,} digits drawn, the judge turned away {tally['judge']:,} ({tally['judge'] / d:.0%})"
+    line += f", the ResNet {tally['resnet']:,} ({tally['resnet'] / d:.0%})" if tally["resnet"] else ""
+    if tally["short"]:
+        line += (f"; {tally['short']:,} digits kept did not pass (too few of their digit did: a weak G; "
+                 f"train it longer)")
+    return line
 
 
 def write_idx_split(raw, split, n, chunks):

@@ -7,11 +7,13 @@ classifiers of other families than the judge, which had no part in building the 
 - labels: how often the reader trained on real digits reads the generated digits as their label.
 
     python benchmarks/fake_set.py --data_dir=<data> --ckpts=run_a/G_model.ckpt,run_b/G_model.ckpt \
-        [--stds=1.0,1.5,2.0] [--filters=0.999,0] [--agrees=0.9,0] [--n=60000] [--seed=0]
+        [--stds=1.0,1.5,2.0] [--filters=0.999,0] [--agrees=0.9,0] [--n=60000] [--seeds=0,1,2] [--readers=mlp,cnn]
 
-Prints one line per (generator, std, filter, agree) and appends it to benchmarks/out/fake_set.jsonl.
+Prints one line per (generator, std, filter, agree, draw) and appends it to benchmarks/out/fake_set.jsonl.
+A draw (--seeds) is the set `dataset --seed=D` writes.
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -43,23 +45,25 @@ def main():
     p.add_argument("--filters", default="0.999,0", help="DATASET_FILTER values")
     p.add_argument("--agrees", default=str(dm.DATASET_AGREE), help="DATASET_AGREE values (used where a filter is)")
     p.add_argument("--n", type=int, default=60000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="draws of each set: dataset's --seed")
+    p.add_argument("--readers", default=",".join(dm.READERS), help="which of dcgan_mnist.READERS score the sets")
     a = p.parse_args()
     device = torch.device("cpu")
     mnist = dm.load_mnist(a.data_dir)
     judge = dm.get_judge(dm.CACHE_DIR, mnist, device)
-    readers = {name: dm.get_judge(dm.CACHE_DIR, mnist, device, reader=name) for name in dm.READERS}
+    readers = {name: dm.get_judge(dm.CACHE_DIR, mnist, device, reader=name) for name in a.readers.split(",")}
     builder = dm.get_judge(dm.CACHE_DIR, mnist, device, reader="resnet")
     os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
     for ckpt in a.ckpts.split(","):
         G = dm.load_generator(ckpt, dm.NOISE_DIM, device)
         for std in map(float, a.stds.split(",")):
             for filtered in map(float, a.filters.split(",")):
-                for agree in map(float, a.agrees.split(",") if filtered else ["0"]):
+                for agree, seed in itertools.product(map(float, a.agrees.split(",") if filtered else ["0"]),
+                                                     map(int, a.seeds.split(","))):
                     t = time.time()
-                    images, labels = dm.labeled_fakes(G, a.n, dm.NOISE_DIM, device, a.seed + dm.SEED_OFFSET_DATASET,
+                    images, labels = dm.labeled_fakes(G, a.n, dm.NOISE_DIM, device, seed + dm.SEED_OFFSET_DATASET,
                                                       std, judge, filtered, builder, agree)
-                    row = {"ckpt": ckpt, "std": std, "filter": filtered, "agree": agree, "n": a.n,
+                    row = {"ckpt": ckpt, "std": std, "filter": filtered, "agree": agree, "n": a.n, "draw": seed,
                            **score(images, labels, mnist, readers, device)}
                     row["seconds"] = round(time.time() - t)
                     print(json.dumps(row), flush=True)
