@@ -7,7 +7,7 @@ classifiers of other families than the judge, which had no part in building the 
 - labels: how often the reader trained on real digits reads the generated digits as their label.
 
     python benchmarks/fake_set.py --data_dir=<data> --ckpts=run_a/G_model.ckpt,run_b/G_model.ckpt \
-        [--stds=1.0,1.5,2.0] [--filters=0.999,0] [--agrees=0.9,0] [--n=60000] [--seeds=0,1,2] [--readers=mlp,cnn]
+        [--stds=1.0,1.5,2.0] [--filters=0.999,0] [--agrees=0.9,0] [--n=60000] [--seeds=0,1,2] [--readers=mlp,vgg]
 
 Prints one line per (generator, std, filter, agree, draw) and appends it to benchmarks/out/fake_set.jsonl.
 A draw (--seeds) is the set `dataset --seed=D` writes.

@@ -43,7 +43,7 @@ def judge_cache(tmp_path_factory, mnist):
     accuracy = dm.judge_accuracy(judge, mnist.test_images, mnist.test_labels, cpu)
     dm.atomic_save({"model": judge.state_dict(), "test_accuracy": accuracy}, dm.judge_path(cache, mnist))
     for name, reader in dm.CLASSIFIERS.items():  # the readers on 4,000 digits (script: 60,000), the second builder
-        n = {"resnet": 1000, "cnn": 2000}.get(name, 4000)  # fewer for the costly ones; the ResNet is only a filter
+        n = {"resnet": 1000, "vgg": 2000}.get(name, 4000)  # fewer for the costly ones; the ResNet is only a filter
         model = dm.train_reader(name, mnist.train_images[:n], mnist.train_labels[:n], cpu)
         dm.atomic_save({"model": model.state_dict()}, dm.judge_path(cache, mnist, reader.file))
     return cache

@@ -276,7 +276,7 @@ def test_train_on_fake_routine_measures_real_digits(mnist):
 @pytest.mark.parametrize("reader", dm.READERS)
 def test_each_outside_reader_learns_real_digits_and_not_wrong_labels(mnist, judge_cache, reader):
     """train_reader on 4,000 real digits (the copy judge_cache trained) reads the test digits; fed shuffled
-    labels, it is at chance. All 60,000 digits: allconv 99.3%, mlp 98.2%."""
+    labels, it is at chance. All 60,000 digits: allconv 99.2-99.3%, mlp 98.2%, vgg 99.4%."""
     trained = dm.get_judge(judge_cache, mnist, CPU, reader=reader)
     assert dm.judge_accuracy(trained, mnist.test_images[:5000], mnist.test_labels[:5000], CPU) > 0.85
     shuffled = mnist.train_labels[:1000][torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
@@ -320,7 +320,9 @@ def test_outside_readers_are_other_families_than_the_judge():
     assert "resnet" not in dm.READERS and layers(dm.resnet()) != layers(dm.Judge())
     assert any(isinstance(m, dm.ResidualBlock) for m in dm.resnet().modules())
     for name, reader in dm.READERS.items():
-        assert layers(reader.build()) != layers(dm.Judge()) and (reader.epochs != 3 or reader.shift), name
+        optimizer = type(reader.optimizer(reader.build().parameters()))
+        assert layers(reader.build()) != layers(dm.Judge()), name
+        assert (optimizer, reader.epochs, reader.shift) != (torch.optim.Adam, 3, 0), name  # train_judge's recipe
         assert layers(reader.build()) != layers(dm.resnet()) and reader.epochs != dm.BUILDER.epochs, name
         assert reader.file not in (dm.JUDGE_FILE, dm.BUILDER.file)
     assert any(nn.Conv2d not in [type(m) for m in r.build().modules()] for r in dm.READERS.values())  # no conv at all

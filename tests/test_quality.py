@@ -24,6 +24,13 @@ def test_judge_recipe_reaches_99_percent(mnist, tmp_path):
     assert torch.load(dm.judge_path(str(tmp_path), mnist), weights_only=True)["test_accuracy"] >= 0.99
 
 
+@pytest.mark.slow
+def test_strong_reader_recipe_reaches_99_4_percent(mnist, tmp_path):
+    """The strong outside reader (vgg), trained its way on the 60,000 real training digits (4 min on 2 cores)."""
+    reader = dm.get_judge(str(tmp_path), mnist, CPU, reader="vgg")
+    assert dm.judge_accuracy(reader, mnist.test_images, mnist.test_labels, CPU) >= 0.994
+
+
 def test_judge_is_cached_and_retrained_only_when_unreadable(judge_cache, mnist, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(dm, "train_judge", lambda *a, **k: calls.append(1) or dm.Judge().eval())
