@@ -1339,10 +1339,10 @@ def sample(cfg, opts):
 
 
 def labeled_fakes(G, n, noise_dim, device, seed, noise_std, judge=None, min_p=0.0, builder=None, agree=0.0,
-                  chunk=CHUNK, tally=None):
+                  chunk=CHUNK):
     """n generated digits (uint8) and their labels, drawn as `dataset` draws them (labeled_fake_chunks)."""
     images, labels = zip(*labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge, min_p, builder,
-                                              agree, chunk, tally))
+                                              agree, chunk))
     return torch.cat(images), torch.cat(labels)
 
 
