@@ -81,11 +81,13 @@ EVAL_EVERY = 1          # compute FID every N epochs (0 = never; smoke runs skip
 EVAL_SAMPLES = 10000    # generated images per FID evaluation (compared with the 10,000 test images)
 EVAL_DRAWS = 2          # FID = the mean of this many draws of EVAL_SAMPLES (one draw's FID moves by 3-10%)
 SAMPLE_EVERY = 1        # save an 8x8 grid of the fixed noise every N epochs (and after the last)
+SNAPSHOTS = 3           # keep G_epoch<N>.ckpt, the averaged G of each of the last 3 epochs (0 = none): see `dataset`
 CACHE_DIR = "~/.cache/dcgan_mnist"  # the judge classifier used for FID, trained once and reused
 # fake dataset
 DATASET_NOISE = 2.0     # noise std for `dataset` and train-on-fake (training uses 1): wider noise draws rarer digits
 DATASET_FILTER = 0.5    # conditional G: `dataset` draws 3x, keeps digits the judge reads as asked, p >= this (0: all)
 DATASET_AGREE = 0.9     # ... and that a second builder, a ResNet, also reads as asked, p >= this (0: the judge alone)
+DATASET_CENTER = True   # `dataset` moves each digit so that its centre of mass is the image's centre, as in MNIST
 # system
 SEED = 0                # seeds python, numpy and torch: the same seed gives the same run on CPU
 DEVICE = "auto"         # "auto" picks cuda, then mps, then cpu; or "cpu", "cuda", "cuda:1", "mps"
@@ -542,6 +544,11 @@ def end_of_epoch(state, gan, cfg, judging, n_batches, out):
         if keep:
             atomic_save(gan.G_ema.state_dict(), os.path.join(out, "G_model.ckpt"))
             atomic_save(gan.D.state_dict(), os.path.join(out, "D_model.ckpt"))
+    if cfg["snapshots"]:  # a snapshot costs a few MB; `dataset --ckpt=a,b,c` draws from several Gs
+        atomic_save(gan.G_ema.state_dict(), os.path.join(out, f"G_epoch{state.epoch}.ckpt"))
+        old = os.path.join(out, f"G_epoch{state.epoch - cfg['snapshots']}.ckpt")
+        if os.path.exists(old):
+            os.remove(old)
     return metrics
 
 
@@ -813,15 +820,21 @@ def fit_classifier(model, opt, train_x, train_y, device, epochs, name, schedule=
 
 
 def random_shift(x, pixels):
-    """Each image of the batch moved by its own random whole-pixel offset (dx, dy) in [-pixels, pixels],
+    """Each image of the batch moved by its own random whole-pixel offset (dy, dx) in [-pixels, pixels],
     background (-1) coming in at the edges: a classifier learns that a digit is the same digit a little
     off-centre (the classic MNIST augmentation)."""
+    dy, dx = torch.randint(-pixels, pixels + 1, (2, len(x)), device=x.device)
+    return shift_images(x[:, 0], dy, dx, pixels, -1.0).unsqueeze(1)
+
+
+def shift_images(x, dy, dx, pixels, background):
+    """Images x (N, H, W), each moved up by dy[i] and left by dx[i] whole pixels (|d| <= pixels; negative:
+    down, right), the background value coming in at the edges."""
     n, size = len(x), x.shape[-1]
-    padded = F.pad(x, (pixels,) * 4, value=-1.0)
-    dy, dx = torch.randint(0, 2 * pixels + 1, (2, n, 1), device=x.device)
-    rows = (torch.arange(size, device=x.device) + dy)[:, :, None]  # (n, size, 1)
-    cols = (torch.arange(size, device=x.device) + dx)[:, None, :]  # (n, 1, size)
-    return padded[torch.arange(n, device=x.device)[:, None, None], 0, rows, cols].unsqueeze(1)
+    padded = F.pad(x, (pixels,) * 4, value=background)
+    rows = (torch.arange(size, device=x.device) + pixels + dy[:, None])[:, :, None]  # (n, size, 1)
+    cols = (torch.arange(size, device=x.device) + pixels + dx[:, None])[:, None, :]  # (n, 1, size)
+    return padded[torch.arange(n, device=x.device)[:, None, None], rows, cols]
 
 
 @torch.no_grad()
@@ -1185,7 +1198,13 @@ def load_checkpoint(path, device):
 
 def load_generator(path, noise_dim, device):
     """A G_model.ckpt-style state_dict. Its first layer tells what G it is: a conditional G takes
-    noise_dim + 10 input channels (the one-hot label), an unconditional one noise_dim; it has ngf * 4 outputs."""
+    noise_dim + 10 input channels (the one-hot label), an unconditional one noise_dim; it has ngf * 4 outputs.
+    Several paths, "a.ckpt,b.ckpt": one Mixture of them."""
+    if "," in path:
+        Gs = [load_generator(p, noise_dim, device) for p in path.split(",")]
+        if len({G.n_classes for G in Gs}) > 1:
+            die(f"{path}: mixes conditional and unconditional generators", 1)
+        return Mixture(Gs).eval()
     state = load_checkpoint(path, device)
     shape = tuple(state.get("main.0.weight", torch.empty(0)).shape) if isinstance(state, dict) else ()
     conditional = shape[:1] == (noise_dim + N_CLASSES,)
@@ -1338,16 +1357,30 @@ def sample(cfg, opts):
         print(f"Wrote {n} PNGs (28x28 grayscale) to {opts['png_dir']}/{layout}")
 
 
+class Mixture(nn.Module):
+    """Several generators as one: each draws an equal share of every batch (of every digit too, as `dataset`
+    asks for the digits in shuffled order). Samples of several GANs cover the real digits better than those
+    of one, and train a better classifier (docs/results.md, "Several generators"): e.g. the snapshots of
+    the last epochs, --ckpt=outputs/G_epoch8.ckpt,outputs/G_epoch9.ckpt,outputs/G_epoch10.ckpt."""
+    def __init__(self, Gs):
+        super().__init__()
+        self.Gs, self.n_classes = nn.ModuleList(Gs), Gs[0].n_classes
+
+    def forward(self, z, y=None):
+        ys = y.chunk(len(self.Gs)) if y is not None else [None] * len(self.Gs)
+        return torch.cat([G(z_part, y_part) for G, z_part, y_part in zip(self.Gs, z.chunk(len(self.Gs)), ys)])
+
+
 def labeled_fakes(G, n, noise_dim, device, seed, noise_std, judge=None, min_p=0.0, builder=None, agree=0.0,
-                  chunk=CHUNK):
+                  chunk=CHUNK, center=False):
     """n generated digits (uint8) and their labels, drawn as `dataset` draws them (labeled_fake_chunks)."""
     images, labels = zip(*labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge, min_p, builder,
-                                              agree, chunk))
+                                              agree, chunk, center=center))
     return torch.cat(images), torch.cat(labels)
 
 
 def labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge=None, min_p=0.0, builder=None, agree=0.0,
-                        chunk=CHUNK, tally=None):
+                        chunk=CHUNK, tally=None, center=False):
     """n generated digits (uint8) and their labels, `chunk` at a time from one random stream: the digits
     a conditional G was asked for (balanced, in shuffled order), or, for an unconditional G, the judge's
     reading of each (only as good as the judge).
@@ -1356,13 +1389,14 @@ def labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge=None, mi
     conditional G draws 3x and keeps 1/3 (a tenth of each digit), those the judge reads as the digit
     asked for with probability >= min_p (judge_filter): wide noise also draws digits that no longer look
     like their label, which teach a classifier wrong. agree > 0 (DATASET_AGREE): the second builder, of
-    another family, must read them as asked too, with probability >= agree. tally: see judge_filter."""
+    another family, must read them as asked too, with probability >= agree. tally: see judge_filter.
+    center (DATASET_CENTER): each digit centred as MNIST's are (center_digits)."""
     gen = rng(seed)
     for start in range(0, n, chunk):
         k = min(chunk, n - start)
         if not G.n_classes:
             images = generate(G, k, noise_dim, device, gen, noise_std=noise_std)
-            yield to_uint8(images), torch.from_numpy(judge_outputs(judge, images, device)[1].argmax(1))
+            yield as_mnist(images, center), torch.from_numpy(judge_outputs(judge, images, device)[1].argmax(1))
             continue
         draws = 3 * k if min_p else k
         asked = balanced_labels(draws)[torch.randperm(draws, generator=gen)]
@@ -1371,7 +1405,24 @@ def labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge=None, mi
             second = class_probs(builder, images, device) if agree else None
             keep = judge_filter(judge_outputs(judge, images, device)[1], asked, k, gen, min_p, second, agree, tally)
             images, asked = images[keep], asked[keep]
-        yield to_uint8(images), asked
+        yield as_mnist(images, center), asked
+
+
+def as_mnist(images, center):
+    """G's images in [-1, 1] -> MNIST's uint8 digits, centred by center_digits if asked."""
+    return center_digits(to_uint8(images)) if center else to_uint8(images)
+
+
+def center_digits(digits):
+    """uint8 digits (N, 28, 28), each moved by whole pixels so that its centre of mass falls on pixel (14, 14),
+    as MNIST's were: "centered in a 28x28 image by computing the center of mass of the pixels" (LeCun et al.;
+    their mean is at 14.00, 14.01, each within half a pixel). G's wander (0.7 pixel, sd), and a classifier that
+    sees each pixel apart, like the mlp reader, learns on them positions that real digits do not take."""
+    x, coords = digits.float(), torch.arange(28.0)
+    mass = x.sum((1, 2)).clamp(min=1)  # a blank image stays where it is
+    dy = ((x.sum(2) @ coords) / mass - 14).round().long().clamp(-7, 7)
+    dx = ((x.sum(1) @ coords) / mass - 14).round().long().clamp(-7, 7)
+    return shift_images(digits, dy, dx, 7, 0)
 
 
 def read_as_asked(probs, asked, min_p):
@@ -1419,7 +1470,7 @@ def write_dataset(cfg, opts):
     for split, n, offset in (("train", opts["n"], 0), ("t10k", opts["n_test"], 1)):
         chunks = labeled_fake_chunks(G, n, cfg["noise_dim"], device, cfg["seed"] + SEED_OFFSET_DATASET + offset,
                                      cfg["dataset_noise"], judge, cfg["dataset_filter"], builder,
-                                     builder_agree(G, cfg), CHUNK, tally)
+                                     builder_agree(G, cfg), CHUNK, tally, cfg["dataset_center"])
         write_idx_split(raw, split, n, with_progress(chunks, n, f"{split} digits", tally))
     print(f"Wrote {opts['n']:,} training and {opts['n_test']:,} test digits to {raw}/ ({dataset_source(G, cfg)}). "
           f"Load with torchvision.datasets.MNIST({opts['dataset_dir']!r}) or --data_dir={opts['dataset_dir']}")
@@ -1528,13 +1579,15 @@ def get_builders(G, cfg, mnist, device):
 
 
 def dataset_source(G, cfg):
-    """Where a set's labels come from, in words."""
+    """Where a set's digits and labels come from, in words."""
+    several = f"{len(G.Gs)} generators in equal shares; " if isinstance(G, Mixture) else ""
+    centred = ", centred like MNIST's" if cfg["dataset_center"] else ""
     if not G.n_classes:
-        return "labels: the judge's reading of each digit"
+        return several + "labels: the judge's reading of each digit" + centred
     min_p, agree = cfg["dataset_filter"], builder_agree(G, cfg)
     kept = f", kept where the judge reads them (p >= {min_p:g})" if min_p else ""
     kept += f" and a ResNet agrees (p >= {agree:g})" if agree else ""
-    return "labels: the digits G was asked for" + kept
+    return several + "labels: the digits G was asked for" + kept + centred
 
 
 def train_on_fake_accuracy(images, labels, mnist, device, reader=None):
@@ -1597,7 +1650,8 @@ def report_train_on_fake(G, cfg, n_train, mnist, judge, device):
     builder = get_builders(G, cfg, mnist, device)[1]
     images, labels = labeled_fakes(G, n_train, cfg["noise_dim"], device,
                                    cfg["seed"] + SEED_OFFSET_DATASET, cfg["dataset_noise"], judge,
-                                   cfg["dataset_filter"], builder, builder_agree(G, cfg))
+                                   cfg["dataset_filter"], builder, builder_agree(G, cfg),
+                                   center=cfg["dataset_center"])
     print(f"train on {n_train:,} generated digits ({dataset_source(G, cfg)}, noise std {cfg['dataset_noise']:g}), "
           f"test on the 10,000 real test digits; each reader had no part in building the set")
     print(f"{'reader':<10} {'trained on real':>15} {'on generated':>13} {'gap':>7} "
@@ -1745,6 +1799,7 @@ def validate(cfg):
         ("max_batches", cfg["max_batches"] >= 0, "must be 0 (whole epoch) or more"),
         ("sample_every", cfg["sample_every"] >= 1, "must be at least 1"),
         ("eval_every", cfg["eval_every"] >= 0, "must be 0 (never) or more"),
+        ("snapshots", cfg["snapshots"] >= 0, "must be 0 (none) or more"),
         ("eval_samples", cfg["eval_samples"] >= 100, "must be at least 100"),
         ("eval_draws", cfg["eval_draws"] >= 1, "must be at least 1"),
         ("dataset_noise", 0 < cfg["dataset_noise"] < math.inf, "must be a positive number"),
@@ -1846,7 +1901,7 @@ COMMAND_OPTIONS = {
         "dataset_dir": ("", "required: write the fake MNIST to <dataset_dir>/MNIST/raw/, MNIST's four files"),
         "n": ((60000, 1, None), "training digits"),
         "n_test": ((10000, 1, None), "test digits"),
-        "ckpt": ("", "the generator to draw from (default: <output_dir>/G_model.ckpt)"),
+        "ckpt": ("", "the generator to draw from (default: <output_dir>/G_model.ckpt); a,b,c: several in equal shares"),
         "overwrite": (False, "replace MNIST files in <dataset_dir> that `dataset` did not write itself"),
     },
 }

@@ -1,15 +1,19 @@
 """
 Which fake set trains a classifier best? Draws labeled fake sets from trained conditional generators the way
-`dataset` does (noise std, judge filter DATASET_FILTER, second builder DATASET_AGREE) and scores each by the outside readers (dcgan_mnist.READERS:
-classifiers of other families than the judge, which had no part in building the set):
+`dataset` does (noise std, judge filter DATASET_FILTER, second builder DATASET_AGREE, DATASET_CENTER) and
+scores each by the outside readers (dcgan_mnist.READERS: classifiers of other families than the judge, which
+had no part in building the set):
 - train-on-fake: the reader trained on the 60,000 generated digits, its accuracy on the 10,000 real test
   digits, beside the same reader trained on the real training digits (gap in points);
 - labels: how often the reader trained on real digits reads the generated digits as their label.
 
     python benchmarks/fake_set.py --data_dir=<data> --ckpts=run_a/G_model.ckpt,run_b/G_model.ckpt \
-        [--stds=1.0,1.5,2.0] [--filters=0.999,0] [--agrees=0.9,0] [--n=60000] [--seeds=0,1,2] [--readers=mlp,vgg]
+        [--stds=1.0,1.5,2.0] [--filters=0.999,0] [--agrees=0.9,0] [--centers=1,0] [--n=60000] [--seeds=0,1,2]
+        [--readers=mlp,vgg]
 
-Prints one line per (generator, std, filter, agree, draw) and appends it to benchmarks/out/fake_set.jsonl.
+A generator may be several in equal shares (dcgan_mnist.Mixture), joined by "+":
+--ckpts=run/G_epoch9.ckpt+run/G_epoch10.ckpt.
+Prints one line per (generator, std, filter, agree, center, draw) and appends it to benchmarks/out/fake_set.jsonl.
 A draw (--seeds) is the set `dataset --seed=D` writes.
 """
 import argparse
@@ -44,6 +48,7 @@ def main():
     p.add_argument("--stds", default="1.0,1.5,2.0")
     p.add_argument("--filters", default="0.999,0", help="DATASET_FILTER values")
     p.add_argument("--agrees", default=str(dm.DATASET_AGREE), help="DATASET_AGREE values (used where a filter is)")
+    p.add_argument("--centers", default=str(int(dm.DATASET_CENTER)), help="DATASET_CENTER values (1 or 0)")
     p.add_argument("--n", type=int, default=60000)
     p.add_argument("--seeds", default="0", help="draws of each set: dataset's --seed")
     p.add_argument("--readers", default=",".join(dm.READERS), help="which of dcgan_mnist.READERS score the sets")
@@ -55,16 +60,17 @@ def main():
     builder = dm.get_judge(dm.CACHE_DIR, mnist, device, reader="resnet")
     os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
     for ckpt in a.ckpts.split(","):
-        G = dm.load_generator(ckpt, dm.NOISE_DIM, device)
+        G = dm.load_generator(ckpt.replace("+", ","), dm.NOISE_DIM, device)
         for std in map(float, a.stds.split(",")):
             for filtered in map(float, a.filters.split(",")):
-                for agree, seed in itertools.product(map(float, a.agrees.split(",") if filtered else ["0"]),
-                                                     map(int, a.seeds.split(","))):
+                agrees = map(float, a.agrees.split(",") if filtered else ["0"])
+                for agree, center, seed in itertools.product(agrees, map(int, a.centers.split(",")),
+                                                             map(int, a.seeds.split(","))):
                     t = time.time()
                     images, labels = dm.labeled_fakes(G, a.n, dm.NOISE_DIM, device, seed + dm.SEED_OFFSET_DATASET,
-                                                      std, judge, filtered, builder, agree)
-                    row = {"ckpt": ckpt, "std": std, "filter": filtered, "agree": agree, "n": a.n, "draw": seed,
-                           **score(images, labels, mnist, readers, device)}
+                                                      std, judge, filtered, builder, agree, center=bool(center))
+                    row = {"ckpt": ckpt, "std": std, "filter": filtered, "agree": agree, "center": center, "n": a.n,
+                           "draw": seed, **score(images, labels, mnist, readers, device)}
                     row["seconds"] = round(time.time() - t)
                     print(json.dumps(row), flush=True)
                     with open(os.path.join(HERE, "out", "fake_set.jsonl"), "a") as f:
