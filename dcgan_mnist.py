@@ -81,7 +81,6 @@ EVAL_EVERY = 1          # compute FID every N epochs (0 = never; smoke runs skip
 EVAL_SAMPLES = 10000    # generated images per FID evaluation (compared with the 10,000 test images)
 EVAL_DRAWS = 2          # FID = the mean of this many draws of EVAL_SAMPLES (one draw's FID moves by 3-10%)
 SAMPLE_EVERY = 1        # save an 8x8 grid of the fixed noise every N epochs (and after the last)
-SNAPSHOTS = 3           # keep G_epoch<N>.ckpt, the averaged G of each of the last 3 epochs (0 = none): see `dataset`
 CACHE_DIR = "~/.cache/dcgan_mnist"  # the judge classifier used for FID, trained once and reused
 # fake dataset
 DATASET_NOISE = 2.0     # noise std for `dataset` and train-on-fake (training uses 1): wider noise draws rarer digits
@@ -544,11 +543,6 @@ def end_of_epoch(state, gan, cfg, judging, n_batches, out):
         if keep:
             atomic_save(gan.G_ema.state_dict(), os.path.join(out, "G_model.ckpt"))
             atomic_save(gan.D.state_dict(), os.path.join(out, "D_model.ckpt"))
-    if cfg["snapshots"]:  # a snapshot costs a few MB; `dataset --ckpt=a,b,c` draws from several Gs
-        atomic_save(gan.G_ema.state_dict(), os.path.join(out, f"G_epoch{state.epoch}.ckpt"))
-        old = os.path.join(out, f"G_epoch{state.epoch - cfg['snapshots']}.ckpt")
-        if os.path.exists(old):
-            os.remove(old)
     return metrics
 
 
@@ -1198,13 +1192,7 @@ def load_checkpoint(path, device):
 
 def load_generator(path, noise_dim, device):
     """A G_model.ckpt-style state_dict. Its first layer tells what G it is: a conditional G takes
-    noise_dim + 10 input channels (the one-hot label), an unconditional one noise_dim; it has ngf * 4 outputs.
-    Several paths, "a.ckpt,b.ckpt": one Mixture of them."""
-    if "," in path:
-        Gs = [load_generator(p, noise_dim, device) for p in path.split(",")]
-        if len({G.n_classes for G in Gs}) > 1:
-            die(f"{path}: mixes conditional and unconditional generators", 1)
-        return Mixture(Gs).eval()
+    noise_dim + 10 input channels (the one-hot label), an unconditional one noise_dim; it has ngf * 4 outputs."""
     state = load_checkpoint(path, device)
     shape = tuple(state.get("main.0.weight", torch.empty(0)).shape) if isinstance(state, dict) else ()
     conditional = shape[:1] == (noise_dim + N_CLASSES,)
@@ -1355,20 +1343,6 @@ def sample(cfg, opts):
             save_pngs(generate(G, k, nd, device, gen, labels), opts["png_dir"], labels, first=start)
         layout = "<digit>/NNNNNN.png" if G.n_classes else "NNNNNN.png"
         print(f"Wrote {n} PNGs (28x28 grayscale) to {opts['png_dir']}/{layout}")
-
-
-class Mixture(nn.Module):
-    """Several generators as one: each draws an equal share of every batch (of every digit too, as `dataset`
-    asks for the digits in shuffled order). Samples of several GANs cover the real digits better than those
-    of one, and train a better classifier (docs/results.md, "Several generators"): e.g. the snapshots of
-    the last epochs, --ckpt=outputs/G_epoch8.ckpt,outputs/G_epoch9.ckpt,outputs/G_epoch10.ckpt."""
-    def __init__(self, Gs):
-        super().__init__()
-        self.Gs, self.n_classes = nn.ModuleList(Gs), Gs[0].n_classes
-
-    def forward(self, z, y=None):
-        ys = y.chunk(len(self.Gs)) if y is not None else [None] * len(self.Gs)
-        return torch.cat([G(z_part, y_part) for G, z_part, y_part in zip(self.Gs, z.chunk(len(self.Gs)), ys)])
 
 
 def labeled_fakes(G, n, noise_dim, device, seed, noise_std, judge=None, min_p=0.0, builder=None, agree=0.0,
@@ -1580,14 +1554,13 @@ def get_builders(G, cfg, mnist, device):
 
 def dataset_source(G, cfg):
     """Where a set's digits and labels come from, in words."""
-    several = f"{len(G.Gs)} generators in equal shares; " if isinstance(G, Mixture) else ""
     centred = ", centred like MNIST's" if cfg["dataset_center"] else ""
     if not G.n_classes:
-        return several + "labels: the judge's reading of each digit" + centred
+        return "labels: the judge's reading of each digit" + centred
     min_p, agree = cfg["dataset_filter"], builder_agree(G, cfg)
     kept = f", kept where the judge reads them (p >= {min_p:g})" if min_p else ""
     kept += f" and a ResNet agrees (p >= {agree:g})" if agree else ""
-    return several + "labels: the digits G was asked for" + kept + centred
+    return "labels: the digits G was asked for" + kept + centred
 
 
 def train_on_fake_accuracy(images, labels, mnist, device, reader=None):
@@ -1799,7 +1772,6 @@ def validate(cfg):
         ("max_batches", cfg["max_batches"] >= 0, "must be 0 (whole epoch) or more"),
         ("sample_every", cfg["sample_every"] >= 1, "must be at least 1"),
         ("eval_every", cfg["eval_every"] >= 0, "must be 0 (never) or more"),
-        ("snapshots", cfg["snapshots"] >= 0, "must be 0 (none) or more"),
         ("eval_samples", cfg["eval_samples"] >= 100, "must be at least 100"),
         ("eval_draws", cfg["eval_draws"] >= 1, "must be at least 1"),
         ("dataset_noise", 0 < cfg["dataset_noise"] < math.inf, "must be a positive number"),
@@ -1901,7 +1873,7 @@ COMMAND_OPTIONS = {
         "dataset_dir": ("", "required: write the fake MNIST to <dataset_dir>/MNIST/raw/, MNIST's four files"),
         "n": ((60000, 1, None), "training digits"),
         "n_test": ((10000, 1, None), "test digits"),
-        "ckpt": ("", "the generator to draw from (default: <output_dir>/G_model.ckpt); a,b,c: several in equal shares"),
+        "ckpt": ("", "the generator to draw from (default: <output_dir>/G_model.ckpt)"),
         "overwrite": (False, "replace MNIST files in <dataset_dir> that `dataset` did not write itself"),
     },
 }

@@ -11,8 +11,7 @@ had no part in building the set):
         [--stds=1.0,1.5,2.0] [--filters=0.999,0] [--agrees=0.9,0] [--centers=1,0] [--n=60000] [--seeds=0,1,2]
         [--readers=mlp,vgg]
 
-A generator may be several in equal shares (dcgan_mnist.Mixture), joined by "+":
---ckpts=run/G_epoch9.ckpt+run/G_epoch10.ckpt.
+A generator may be several in equal shares (Mixture), joined by "+": --ckpts=seed0/G_model.ckpt+seed1/G_model.ckpt.
 Prints one line per (generator, std, filter, agree, center, draw) and appends it to benchmarks/out/fake_set.jsonl.
 A draw (--seeds) is the set `dataset --seed=D` writes.
 """
@@ -28,6 +27,24 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 import dcgan_mnist as dm  # noqa: E402
+
+
+class Mixture(torch.nn.Module):
+    """Several generators as one: each draws an equal share of every batch (and of every digit, as the digits
+    are asked for in shuffled order). Measured at commit c6c869e (docs/results.md): the averaged G of a run's
+    last three epochs, mixed, trained no better classifier than the last one alone; so it is no option of the script."""
+    def __init__(self, Gs):
+        super().__init__()
+        self.Gs, self.n_classes = torch.nn.ModuleList(Gs), Gs[0].n_classes
+
+    def forward(self, z, y=None):
+        ys = y.chunk(len(self.Gs)) if y is not None else [None] * len(self.Gs)
+        return torch.cat([G(z_part, y_part) for G, z_part, y_part in zip(self.Gs, z.chunk(len(self.Gs)), ys)])
+
+
+def load(ckpt, device):
+    Gs = [dm.load_generator(path, dm.NOISE_DIM, device) for path in ckpt.split("+")]
+    return Gs[0] if len(Gs) == 1 else Mixture(Gs).eval()
 
 
 def score(images, labels, mnist, readers, device):
@@ -60,7 +77,7 @@ def main():
     builder = dm.get_judge(dm.CACHE_DIR, mnist, device, reader="resnet")
     os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
     for ckpt in a.ckpts.split(","):
-        G = dm.load_generator(ckpt.replace("+", ","), dm.NOISE_DIM, device)
+        G = load(ckpt, device)
         for std in map(float, a.stds.split(",")):
             for filtered in map(float, a.filters.split(",")):
                 agrees = map(float, a.agrees.split(",") if filtered else ["0"])
