@@ -1567,10 +1567,7 @@ def train_on_fake_accuracy(images, labels, mnist, device, reader=None):
     """Train on synthetic, test on real: a fresh classifier trained on these labeled uint8 digits, its accuracy
     on the 10,000 real test digits. reader: one of READERS, trained its own way (train_reader); None: the
     judge's architecture trained the judge's way (train_judge), only fair for a set the judge did not build."""
-    if reader is None:
-        classifier = train_judge(images, labels, device)
-    else:
-        classifier = train_reader(reader, images, labels, device)
+    classifier = train_judge(images, labels, device) if reader is None else train_reader(reader, images, labels, device)
     return judge_accuracy(classifier, mnist.test_images, mnist.test_labels, device)
 
 
@@ -1636,7 +1633,7 @@ def report_train_on_fake(G, cfg, n_train, mnist, judge, device):
         fake_misread, real_misread = (misread_by_digit(c, mnist.test_images, mnist.test_labels, device)
                                       for c in (on_fake, on_real))
         fake_acc, real_acc = (1 - sum(m) / len(mnist.test_labels) for m in (fake_misread, real_misread))
-        agree = 1 - sum(misread_by_digit(on_real, images, labels, device)) / len(labels)
+        agree = judge_accuracy(on_real, images, labels, device)
         print(f"{name:<10} {real_acc:15.2%} {fake_acc:13.2%} {100 * (fake_acc - real_acc):+7.2f} {agree:31.2%}")
         misread += [(f"{name} trained on generated digits", fake_misread),
                     (f"{name} trained on real digits", real_misread)]
