@@ -389,7 +389,7 @@ def test_evaluate_reports_label_accuracy_and_train_on_fake(conditional_run, judg
     assert "labels" in lines[0] and "confidence" in lines[0]
     assert any(l.startswith("train on 500 generated digits (labels: the digits G was asked for, kept where the "
                             f"judge reads them (p >= {dm.DATASET_FILTER:g}) and a ResNet agrees (p >= {dm.DATASET_AGREE:g}), "
-                            f"noise std {dm.DATASET_NOISE:g})") for l in lines)
+                            f"centred like MNIST's, noise std {dm.DATASET_NOISE:g})") for l in lines)
     assert "Training" not in result.stdout  # the readers trained on real digits come from the cache
     rows = {l.split()[0]: l.split()[1:] for l in lines if l.split() and l.split()[0] in dm.READERS
             and l.split()[1].endswith("%")}  # the table's rows, not the per-digit ones
