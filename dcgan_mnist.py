@@ -20,6 +20,7 @@ import ast
 import contextlib
 import copy
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -70,6 +71,7 @@ MODE_SEEKING = 2.0      # conditional GAN only: reward G for two different digit
 # how long
 EPOCHS = 7              # passes over the data (one epoch = 70,000 images; 60,000 with MERGE_TEST=False)
 CONDITIONAL_DEFAULTS = {"g_steps": 1, "epochs": 10, "ndf": 64}  # a conditional GAN's, unless given (measured there)
+GPU_DEFAULTS = {"ngf": 128, "ndf": 128, "epochs": 20}  # a GPU's, unless given: there a wider G and D cost no time
 EARLY_STOPPING = 5      # stop once this many epochs have passed without improvement of SELECT_BY (when measured)
 MAX_MINUTES = 28.0      # stop before an epoch that would end past this budget (0 = no limit)
 MAX_BATCHES = 0         # 0 = whole epoch; N > 0 = at most N batches per epoch (smoke runs)
@@ -90,7 +92,8 @@ DATASET_CENTER = True   # `dataset` moves each digit so that its centre of mass 
 # system
 SEED = 0                # seeds python, numpy and torch: the same seed gives the same run on CPU
 DEVICE = "auto"         # "auto" picks cuda, then mps, then cpu; or "cpu", "cuda", "cuda:1", "mps"
-COMPILE = False         # torch.compile G and D (fuses small GPU kernels; no gain on CPU)
+COMPILE = False         # torch.compile G and D (fuses small GPU kernels; no gain on CPU; plain layout on CUDA)
+CUDA_GRAPHS = True      # CUDA: record the whole training step once, then replay it (one launch, not hundreds)
 AMP = True              # bf16 autocast where the hardware does bf16 natively (CUDA; CPUs with AVX512-BF16/AMX)
 CHANNELS_LAST = True    # NHWC memory layout: faster convolutions on CPU (oneDNN) and tensor cores
 DETERMINISTIC = True    # cudnn deterministic algorithms (reproducible GPU runs, somewhat slower)
@@ -146,17 +149,31 @@ def choose_precision(device_type, capability=(0, 0), cpu_bf16=False, amp=True):
     return None, f"float32 on {device_type}"
 
 
+def capability(device):
+    """A CUDA device's compute capability, e.g. (9, 0) for an H100/H200; (0, 0) for other devices."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
+def machine_defaults(device_type, capability=(0, 0)):
+    """GPU_DEFAULTS where a wider G and D cost little: CUDA GPUs with tensor cores (capability >= 7.0). On an H200
+    a step costs the same 10 ms at any width (launching kernels, not computing, sets its time). For the older ones a
+    FLOP estimate: a T4 (65 TFLOP/s in float16) at a fifth of its peak trains an epoch of the wide recipe (222 GFLOP
+    a batch) in about 10 s. CPUs and Apple GPUs pay for every FLOP (4x the narrow G64/D32's): the narrow defaults."""
+    return GPU_DEFAULTS if device_type == "cuda" and capability >= (7, 0) else {}
+
+
 def precision(device, amp=True):
     """choose_precision() for this machine's `device`."""
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
     cpu_bf16 = any(getattr(torch.cpu, f, lambda: False)()  # these checks exist since torch 2.3; older: float32
                    for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return choose_precision(device.type, capability, cpu_bf16, amp)
+    return choose_precision(device.type, capability(device), cpu_bf16, amp)
 
 
 def autocast(device_type, dtype):
-    """Mixed precision in dtype (bf16 or float16); None: plain float32."""
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+    """Mixed precision in dtype (bf16 or float16); None: plain float32. On CUDA without autocast's cache of
+    cast weights: a recorded CUDA graph must cast them on every replay (CUDA_GRAPHS)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype,
+                                                                         cache_enabled=device_type != "cuda")
 
 
 def backward_and_step(loss, optimizer, scaler=None):
@@ -172,10 +189,11 @@ def backward_and_step(loss, optimizer, scaler=None):
     scaler.update()
 
 
-def use_channels_last(device, channels_last):
+def use_channels_last(device, channels_last, compile=False):
     """NHWC is oneDNN's and the tensor cores' native layout. Not on Apple GPUs: channels_last with
-    BatchNorm gives wrong results and wrong gradients on MPS (pytorch/pytorch #134580, #175189)."""
-    return channels_last and device.type in ("cpu", "cuda")
+    BatchNorm gives wrong results and wrong gradients on MPS (pytorch/pytorch #134580, #175189). Nor compiled
+    on CUDA: inductor's stride check fails in ConvTranspose2d's backward there (pytorch/pytorch#171622)."""
+    return channels_last and device.type in ("cpu", "cuda") and not (compile and device.type == "cuda")
 
 
 # -----------------------------------------------------------------------------
@@ -316,12 +334,12 @@ def build_models(cfg, device):
     D = Discriminator(n_classes, cfg["ndf"]).to(device)
     G.apply(weights_init)
     D.apply(weights_init)
-    if use_channels_last(device, cfg["channels_last"]):
+    if use_channels_last(device, cfg["channels_last"], cfg["compile"]):
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)  # what we sample and checkpoint
-    fused = device.type == "cuda"  # one fused kernel for the whole Adam update
-    D_optimizer = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=cfg["betas"], fused=fused)
-    G_optimizer = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], betas=cfg["betas"], fused=fused)
+    cuda = device.type == "cuda"  # one fused kernel for the whole Adam update; capturable: in a CUDA graph
+    D_optimizer = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=cfg["betas"], fused=cuda, capturable=cuda)
+    G_optimizer = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], betas=cfg["betas"], fused=cuda, capturable=cuda)
     if cfg["compile"]:  # compiles in place: state_dict keys stay plain (no "_orig_mod.")
         G.compile()
         D.compile()
@@ -392,14 +410,42 @@ def pair_labels(labels):
     return torch.cat([labels[:n - n // 2], labels[:n // 2]])
 
 
+def train_step(gan, cfg, amp, real, labels, ema_d):
+    """One batch of the GAN game: a D step, G_STEPS G steps, the moving average of G (ema_d: its d, ema_decay).
+    Returns D_loss, G_loss, D(x), D(G(z)) as one tensor, left on the device (reading it waits for the device)."""
+    mode_seeking = cfg["mode_seeking"] if cfg["conditional"] else 0.0  # a conditional GAN's term
+    fake_labels = pair_labels(labels) if mode_seeking else labels  # what G draws
+    ############################
+    # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
+    ############################
+    d_loss, fake, d_x, d_g_z = D_train(real, gan.G, gan.D, gan.D_optimizer, cfg["noise_dim"], cfg["real_label"],
+                                       amp, labels, fake_labels, gan.D_scaler)
+    ############################
+    # (2) Update G network: maximize log(D(G(z))) (+ the mode-seeking term, conditional GAN)
+    ############################
+    g_loss = G_train(fake, gan.D, gan.G_optimizer, amp, fake_labels, mode_seeking, gan.G_scaler)
+    for _ in range(cfg["g_steps"] - 1):  # more G steps, each on a new fake batch (the seed tutorial's remedy)
+        g_loss = G_train(new_fake(gan.G, len(real), cfg["noise_dim"], amp, fake_labels, real.device), gan.D,
+                         gan.G_optimizer, amp, fake_labels, mode_seeking, gan.G_scaler)
+    ############################
+    # (3) moving average of G: the generator we evaluate, sample and save
+    ############################
+    ema_update(gan.G_ema, gan.G, ema_d)
+    return torch.stack([d_loss, g_loss, d_x, d_g_z])
+
+
+def ema_decay(decay, step):
+    """The moving average's d at optimizer step `step`: min(decay, (1 + step) / (10 + step)), a warm-up, so that
+    the average does not drag the random initial weights along. It is a long one: d reaches 0.999 only at step
+    8,990 (16 epochs of 70,000 digits), so in a 7-epoch run the warm-up is the average. It weights step t of the s
+    so far about like (t/s)^8: roughly the last tenth of the run. Longer or shorter horizons scored about the
+    same (results.md)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
-def ema_update(G_ema, G, decay, step):
-    """G_ema <- d * G_ema + (1 - d) * G, weights only (BatchNorm statistics: refresh_bn_stats).
-    d = min(decay, (1 + step) / (10 + step)): a warm-up, so that the average does not drag the random
-    initial weights along. It is a long one: d reaches 0.999 only at step 8,990 (16 epochs of 70,000
-    digits), so in a 7-epoch run the warm-up is the average. It weights step t of the s so far about like
-    (t/s)^8: roughly the last tenth of the run. Longer or shorter horizons scored about the same (results.md)."""
-    d = min(decay, (1 + step) / (10 + step))
+def ema_update(G_ema, G, d):
+    """G_ema <- d * G_ema + (1 - d) * G, weights only (BatchNorm statistics: refresh_bn_stats); d: ema_decay()."""
     for e, p in zip(G_ema.parameters(), G.parameters()):
         e.lerp_(p, 1.0 - d)
 
@@ -472,33 +518,16 @@ def train_one_epoch(data, gan, state, cfg, amp, n_batches, on_timed=None):
         state.perm = torch.randperm(len(data.images))
     perm = state.perm.to(device)
     sums = torch.tensor(state.sums, device=device)  # summed on the device: see the sync note below
-    mode_seeking = cfg["mode_seeking"] if cfg["conditional"] else 0.0  # a conditional GAN's term
+    step = training_step(gan, cfg, amp, device)  # train_step, or on CUDA its CUDA graph
     bar = tqdm(range(state.next_batch, n_batches), desc=f"epoch {state.epoch}", initial=state.next_batch,
                total=n_batches, leave=False, disable=None)  # None: no bar where stderr is not a terminal (a log)
     for i in bar:
         idx = perm[i * bs:(i + 1) * bs]
         real = to_float(data.images[idx])
         labels = data.labels[idx] if cfg["conditional"] else None  # the digits, for a conditional GAN
-        fake_labels = pair_labels(labels) if mode_seeking else labels  # what G draws
-        ############################
-        # (1) Update D network: maximize log(D(x)) + log(1 - D(G(z)))
-        ############################
-        d_loss, fake, d_x, d_g_z = D_train(real, gan.G, gan.D, gan.D_optimizer, cfg["noise_dim"],
-                                           cfg["real_label"], amp, labels, fake_labels, gan.D_scaler)
-        ############################
-        # (2) Update G network: maximize log(D(G(z))) (+ the mode-seeking term, conditional GAN)
-        ############################
-        g_loss = G_train(fake, gan.D, gan.G_optimizer, amp, fake_labels, mode_seeking, gan.G_scaler)
-        for _ in range(cfg["g_steps"] - 1):  # more G steps, each on a new fake batch (the seed tutorial's remedy)
-            g_loss = G_train(new_fake(gan.G, len(real), cfg["noise_dim"], amp, fake_labels, device), gan.D,
-                             gan.G_optimizer, amp, fake_labels, mode_seeking, gan.G_scaler)
-        ############################
-        # (3) moving average of G: the generator we evaluate, sample and save
-        ############################
-        ema_update(gan.G_ema, gan.G, cfg["ema_decay"], state.step)
+        sums += step(real, labels, ema_decay(cfg["ema_decay"], state.step))  # D step, G steps, moving average
         state.step += 1
         state.next_batch = i + 1
-        sums += torch.stack([d_loss, g_loss, d_x, d_g_z])
         if i % 10 == 0 or i == n_batches - 1 or STOP["signal"] or (on_timed and i - first in (10, 30)):
             means = [s / (i + 1) for s in sums.tolist()]  # note: a CPU-GPU sync point, so not every batch
             if on_timed and i - first == 10:  # batches 0-10 warm up (memory, oneDNN kernels): not timed
@@ -517,6 +546,47 @@ def train_one_epoch(data, gan, state, cfg, amp, n_batches, on_timed=None):
     bar.close()
     state.sums = sums.tolist()
     return state.next_batch >= n_batches  # False: a signal stopped us inside the epoch
+
+
+def training_step(gan, cfg, amp, device):
+    """train_step for this run's models. On CUDA (CUDA_GRAPHS) recorded once as a CUDA graph and replayed: a step is
+    ~200 small kernels, and launching them one by one costs more than running them (10 ms a batch at any width on
+    an H200); a replay launches them all at once. Not with float16's GradScalers (they read the gradients on the
+    CPU) nor with COMPILE."""
+    step = functools.partial(train_step, gan, cfg, amp)  # step(real, labels, ema_d)
+    if device.type == "cuda" and cfg["cuda_graphs"] and gan.G_scaler is None and not cfg["compile"]:
+        return cuda_graphed(step)
+    return step
+
+
+def cuda_graphed(step, warmup=3):
+    """step(real, labels, ema_d), run `warmup` times as it is (on a side stream, as torch.cuda.graph asks: Adam
+    creates its state), then recorded once on fixed input tensors (torch.cuda.graph) and from then on replayed
+    with each batch copied into them. A batch of another size (an epoch's last) runs as it is."""
+    graph, inputs, output, calls = None, None, None, 0
+
+    def run(real, labels, ema_d):
+        nonlocal graph, inputs, output, calls
+        calls += 1
+        if graph is None and calls > warmup:  # record: the kernels are captured, not run
+            inputs = (real.clone(), None if labels is None else labels.clone(), torch.tensor(ema_d, device=real.device))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = step(*inputs)
+        if graph is None or real.shape != inputs[0].shape:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                result = step(real, labels, ema_d)
+            torch.cuda.current_stream().wait_stream(side)
+            return result
+        inputs[0].copy_(real)
+        if labels is not None:
+            inputs[1].copy_(labels)
+        inputs[2].fill_(ema_d)
+        graph.replay()
+        return output
+    return run
 
 
 def end_of_epoch(state, gan, cfg, judging, n_batches, out):
@@ -650,14 +720,27 @@ def setup_training(cfg, given, saved, device):
     return data, judging, gan, fixed_noise, state
 
 
-def forecast(seconds_per_batch, state, cfg, n_batches, seconds_so_far):
-    """What to expect, said once the first batches are timed: the length of an epoch, and how many of
-    EPOCHS fit MAX_MINUTES (which stops before an epoch that would end past it; the current one always ends)."""
-    epoch = seconds_per_batch * n_batches  # seconds, without the FID evaluation after it
-    line = (f"Speed: {1 / seconds_per_batch:.2f} batches/s; an epoch ({n_batches} batches) takes about "
-            f"{epoch / 60:.1f} min plus its FID, {cfg['epochs']} epochs about {cfg['epochs'] * epoch / 60:.0f} min")
+def fid_seconds(G, cfg, judging, device):
+    """About how long an epoch's FID takes (EVAL_DRAWS draws of EVAL_SAMPLES digits, every EVAL_EVERY epochs), from
+    timing 1,000 digits (after 100 that warm up): on a GPU it is a large share of an epoch, and the forecast counts it."""
+    if not judging.every:
+        return 0.0
+    n = min(1000, cfg["eval_samples"])
+    for k in (100, n):  # the first call pays for warming up (memory, kernels)
+        start = time.time()
+        judge_outputs(judging.judge, generate(G, k, cfg["noise_dim"], device, seed=0), device)
+    return (time.time() - start) * cfg["eval_draws"] * cfg["eval_samples"] / n / judging.every
+
+
+def forecast(seconds_per_batch, state, cfg, n_batches, seconds_so_far, fid=0.0):
+    """What to expect, said once the first batches are timed: the length of an epoch (fid: seconds of its FID), and
+    how many of EPOCHS fit MAX_MINUTES (which stops before an epoch that would end past it; the current one ends)."""
+    epoch = seconds_per_batch * n_batches + fid
+    line = (f"Speed: {1 / seconds_per_batch:.2f} batches/s; an epoch ({n_batches} batches"
+            + (f", then {fid:.0f} s of FID" if fid else "") + f") takes about {epoch / 60:.1f} min, "
+            f"{cfg['epochs']} epochs about {cfg['epochs'] * epoch / 60:.0f} min")
     if cfg["max_minutes"]:
-        left = cfg["max_minutes"] * 60 - seconds_so_far - (n_batches - state.next_batch) * seconds_per_batch
+        left = cfg["max_minutes"] * 60 - seconds_so_far - (n_batches - state.next_batch) * seconds_per_batch - fid
         fit = min(cfg["epochs"], state.epoch + max(0, int(left // epoch)))
         if left < 0:
             line += (f". --max_minutes={cfg['max_minutes']:g} ends before this epoch does: it is trained to its "
@@ -691,8 +774,11 @@ def train(cfg, given=()):
     out, device = cfg["output_dir"], pick_device(cfg["device"])
     amp, why = precision(device, cfg["amp"])
     print(f"Device: {device}; {why}", flush=True)
+    if not cfg["resume"]:
+        say_machine_defaults(device, given, cfg["conditional"])
     os.makedirs(out, exist_ok=True)
     data, judging, gan, fixed_noise, state = setup_training(cfg, given, saved, device)
+    fid = fid_seconds(gan.G_ema, cfg, judging, device)
     if device.type == "cuda" and amp == torch.bfloat16:
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls left (cuDNN convs use it already)
     start_time = time.time() - state.elapsed  # the time budget counts the earlier part of a resumed run
@@ -708,7 +794,7 @@ def train(cfg, given=()):
         while reason is None and not STOP["signal"]:
             epoch_start = time.time()
             on_timed = None if state.epoch > first_epoch else (  # the forecast, in the first epoch this run trains
-                lambda spb: forecast(spb, state, cfg, n_batches, time.time() - start_time))
+                lambda spb: forecast(spb, state, cfg, n_batches, time.time() - start_time, fid))
             if not train_one_epoch(data, gan, state, cfg, amp, n_batches, on_timed):
                 break  # Ctrl-C inside the epoch: last.ckpt continues from the next batch
             metrics = end_of_epoch(state, gan, cfg, judging, n_batches, out)
@@ -735,6 +821,15 @@ def train(cfg, given=()):
         sys.exit(128 + STOP["signal"])
     finish(state, gan, cfg, judging, reason, data, fixed_noise, start_time)
     return state.history
+
+
+def say_machine_defaults(device, given, conditional):
+    """Name the defaults this machine class changed (GPU_DEFAULTS), where the command line was silent."""
+    changed = {k: v for k, v in machine_defaults(device.type, capability(device)).items() if k not in given}
+    cpu = {"ngf": NGF, "ndf": NDF, "epochs": EPOCHS, **(CONDITIONAL_DEFAULTS if conditional else {})}
+    if changed:
+        print(f"GPU defaults: {', '.join(f'{k}={v}' for k, v in changed.items())}: on a GPU a wider G and D cost no "
+              f"time (a CPU's: {', '.join(f'{k}={cpu[k]}' for k in changed)}; --name=value chooses)", flush=True)
 
 
 def resume_command(argv):
@@ -1723,7 +1818,8 @@ def parse_args(argv, extra=None):
             arg = f"{arg}={argv.pop(0)}"
         if arg in ("-h", "--help"):
             print(__doc__.strip() + "\n\nHyperparameters (--name=value or --name value):\n" + config_help()
-                  + f"\n\n--conditional=True changes these defaults (CONDITIONAL_DEFAULTS): {CONDITIONAL_DEFAULTS}")
+                  + f"\n\n--conditional=True changes these defaults (CONDITIONAL_DEFAULTS): {CONDITIONAL_DEFAULTS}"
+                  + f"\nOn a CUDA GPU (compute capability 7.0+), after those (GPU_DEFAULTS): {GPU_DEFAULTS}")
             sys.exit(0)
         name, eq, text = arg[2:].partition("=")
         name = name.replace("-", "_")
@@ -1930,6 +2026,8 @@ def main(argv):
         sys.exit(0)
     cfg, given, options = parse_args(args, COMMAND_OPTIONS[command])
     validate(cfg)
+    device = pick_device(cfg["device"])  # a GPU's own defaults, where the command line is silent (GPU_DEFAULTS)
+    cfg.update({k: v for k, v in machine_defaults(device.type, capability(device)).items() if k not in given})
     check_folder("output_dir", cfg["output_dir"])
     for option in ("cache_dir", "data_dir"):  # made only when needed (a judge to cache, a download)
         check_folder(option, os.path.expanduser(cfg[option]), create=False)

@@ -99,7 +99,7 @@ def run_ours(setup, steps, device):
         data_time += time.perf_counter() - t
         d_loss, fake, _, _ = dm.D_train(real, G, D, D_optimizer, 100, cfg["real_label"], amp, scaler=D_scaler)
         g_loss = dm.G_train(fake, D, G_optimizer, amp, scaler=G_scaler)
-        dm.ema_update(G_ema, G, cfg["ema_decay"], step=10 ** 6)
+        dm.ema_update(G_ema, G, cfg["ema_decay"])
         loss_sum += d_loss + g_loss
     loss_sum.item()  # wait for the device, as the training loop does every 10 batches
     return time.perf_counter() - start, data_time

@@ -31,6 +31,8 @@ def test_channels_last_only_on_cpu_and_cuda_never_on_mps():
     assert dm.use_channels_last(torch.device("cuda"), True)
     assert not dm.use_channels_last(torch.device("mps"), True)  # wrong results with BatchNorm on MPS
     assert not dm.use_channels_last(torch.device("cpu"), False)
+    assert dm.use_channels_last(torch.device("cpu"), True, compile=True)
+    assert not dm.use_channels_last(torch.device("cuda"), True, compile=True)  # pytorch/pytorch#171622
     G = dm.build_models(config(channels_last=True), torch.device("cpu")).G
     assert G.main[0].weight.is_contiguous(memory_format=torch.channels_last)
 
@@ -99,11 +101,12 @@ def test_D_train_changes_D_and_not_G_and_G_train_changes_G_and_not_D(mnist):
 def test_ema_update_warms_up_then_averages_with_the_decay():
     G, E = dm.Generator(8), dm.Generator(8)
     e0 = [p.detach().clone() for p in E.parameters()]
-    dm.ema_update(E, G, 0.999, step=0)  # warm-up: the average follows G closely at first (d = 1/10)
+    assert dm.ema_decay(0.999, 0) == 0.1 and dm.ema_decay(0.999, 10 ** 6) == 0.999
+    dm.ema_update(E, G, dm.ema_decay(0.999, 0))  # warm-up: the average follows G closely at first (d = 1/10)
     for e, old, p in zip(E.parameters(), e0, G.parameters()):
         torch.testing.assert_close(e, 0.1 * old + 0.9 * p)
     e1 = [p.detach().clone() for p in E.parameters()]
-    dm.ema_update(E, G.apply(dm.weights_init), 0.999, step=10 ** 6)  # later: the decay itself
+    dm.ema_update(E, G.apply(dm.weights_init), dm.ema_decay(0.999, 10 ** 6))  # later: the decay itself
     for e, old, p in zip(E.parameters(), e1, G.parameters()):
         torch.testing.assert_close(e, 0.999 * old + 0.001 * p)
 

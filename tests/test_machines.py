@@ -1,5 +1,6 @@
 """Right on the machines readers have: the precision each gets, the float16 + GradScaler path (run on the CPU,
 as on a T4), and what a run says about its machine before it trains."""
+import functools
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA_DIR, ROOT, dm, run_main
+from conftest import DATA_DIR, ROOT, config, dm, run_main
 
 SMALL = ["--epochs=2", "--max_batches=1", "--batch_size=8", f"--data_dir={DATA_DIR}"]  # float16 is slow on CPUs
 
@@ -31,11 +32,63 @@ def test_each_machine_gets_the_precision_its_hardware_computes_natively(device_t
 
 
 def test_this_machine_is_told_its_precision_and_why(tmp_path):
-    result = run_main(*SMALL, "--epochs=1", f"--output_dir={tmp_path / 'o'}")
+    result = run_main(*SMALL, "--epochs=1", f"--output_dir={tmp_path / 'o'}")  # DEVICE = "auto": whatever it picks
     assert result.returncode == 0, result.stderr[-2000:]
-    dtype, why = dm.precision(torch.device("cpu"), True)
-    assert result.stdout.splitlines()[0] == f"Device: cpu; {why}"
-    assert "bf16" in why if dtype == torch.bfloat16 else "float32: this CPU has no bf16 units" in why
+    device = dm.pick_device("auto")
+    dtype, why = dm.precision(device, True)
+    assert result.stdout.splitlines()[0] == f"Device: {device}; {why}"
+    if device.type == "cpu":
+        assert "bf16" in why if dtype == torch.bfloat16 else "float32: this CPU has no bf16 units" in why
+    assert ("GPU defaults:" in result.stdout) == bool(dm.machine_defaults(device.type, dm.capability(device)))
+
+
+@pytest.mark.parametrize("device_type, capability, wide", [
+    ("cuda", (9, 0), True),   # H100/H200: a step costs the same at any width
+    ("cuda", (8, 0), True),   # A100
+    ("cuda", (7, 5), True),   # T4: float16 tensor cores (a FLOP estimate: ~10 s an epoch)
+    ("cuda", (6, 1), False),  # Pascal: no tensor cores
+    ("cpu", (0, 0), False),   # every FLOP counts: the narrow defaults
+    ("mps", (0, 0), False),   # Apple GPUs: float32, unmeasured
+])
+def test_each_machine_class_gets_its_defaults(device_type, capability, wide):
+    defaults = dm.machine_defaults(device_type, capability)
+    assert defaults == (dm.GPU_DEFAULTS if wide else {})
+    if wide:
+        assert defaults["ngf"] > dm.NGF and defaults["ndf"] > dm.NDF and defaults["epochs"] >= dm.EPOCHS
+
+
+def test_gpu_defaults_apply_where_the_command_line_is_silent_and_a_wide_run_resumes_on_a_cpu(tmp_path, monkeypatch):
+    """A GPU-class machine (here: the CPU, told it is one) trains wide unless told otherwise, and says so; its
+    checkpoints then resume, sample and evaluate on a plain CPU with their own widths."""
+    out = str(tmp_path / "wide")
+    with monkeypatch.context() as m:
+        m.setattr(dm, "machine_defaults", lambda device_type, capability=(0, 0): {"ngf": 24, "ndf": 20, "epochs": 2})
+        result = run_main(*SMALL[1:], "--epochs=1", "--ndf=12", f"--output_dir={out}")  # --ndf given: it wins
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "GPU defaults: ngf=24: on a GPU a wider G and D cost no time (a CPU's: ngf=64" in result.stdout
+        assert "Epoch [1/1]" in result.stdout
+        saved = torch.load(os.path.join(out, "last.ckpt"), weights_only=True)
+        assert (saved["config"]["ngf"], saved["config"]["ndf"]) == (24, 12)
+    result = run_main(*SMALL, "--resume", f"--output_dir={out}")  # the CPU: its defaults are the narrow ones
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Epoch [2/2]" in result.stdout and "GPU defaults" not in result.stdout
+    again = torch.load(os.path.join(out, "last.ckpt"), weights_only=True)
+    assert (again["config"]["ngf"], again["config"]["ndf"]) == (24, 12)
+    assert again["G"]["main.0.weight"].shape[1] == 4 * 24
+    result = run_main("sample", f"--output_dir={out}", "--device=cpu")  # G_model.ckpt: its width is read from it
+    assert result.returncode == 0 and os.path.isfile(os.path.join(out, "fake_grid.png")), result.stderr[-2000:]
+
+
+def test_cuda_graphs_only_on_cuda_and_never_with_grad_scalers_or_compile():
+    """The training step is recorded as a CUDA graph on CUDA only, where nothing in it reads the GPU from the CPU
+    (float16's GradScalers do) and torch.compile does not record graphs of its own."""
+    gan = dm.build_models(config(ngf=8, ndf=8), torch.device("cpu"))
+
+    def graphed(device="cuda", gan=gan, **options):
+        return not isinstance(dm.training_step(gan, config(**options), None, torch.device(device)), functools.partial)
+    assert graphed() and not graphed("cpu") and not graphed("mps")
+    assert not graphed(cuda_graphs=False) and not graphed(compile=True)
+    assert not graphed(gan=gan._replace(G_scaler=torch.amp.GradScaler("cpu")))
 
 
 @pytest.fixture

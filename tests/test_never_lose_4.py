@@ -134,6 +134,20 @@ def test_the_run_says_how_long_it_will_take_and_that_a_budget_is_shorter_than_on
     assert "Epoch [2/3]" not in result.stdout and "Stopped: the next epoch would end past" in result.stdout
 
 
+def test_the_forecast_counts_each_epochs_fid(capsys, judge):
+    """On a GPU the FID is a large share of an epoch: the forecast (and what fits MAX_MINUTES) includes it."""
+    cfg = {"epochs": 7, "max_minutes": 28.0, "noise_dim": 100, "eval_samples": 200, "eval_draws": 2}
+    dm.forecast(0.1, dm.TrainState(), cfg, 600, 0.0, fid=60.0)  # 60 s of batches, then 60 s of FID, an epoch
+    out = capsys.readouterr().out
+    assert "(600 batches, then 60 s of FID) takes about 2.0 min, 7 epochs about 14 min" in out
+    dm.forecast(0.1, dm.TrainState(), dict(cfg, max_minutes=5.0), 600, 0.0, fid=60.0)
+    assert "stops after epoch 2 of 7" in capsys.readouterr().out  # 4 epochs of batches alone would fit
+    G = dm.Generator(100).eval()
+    judging = dm.Judging(1, "fid", judge, None, None)
+    assert dm.fid_seconds(G, cfg, judging, torch.device("cpu")) > 0
+    assert dm.fid_seconds(G, cfg, judging._replace(every=0), torch.device("cpu")) == 0  # no FID measured
+
+
 def test_the_fid_axis_reads_plain_numbers(tmp_path, monkeypatch):
     figures = []
     monkeypatch.setattr(dm.plt, "close", figures.append)
