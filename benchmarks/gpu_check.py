@@ -1,22 +1,25 @@
 """
-The GPU check: every figure a GPU needs, in one command that one `device` call runs (at most 8 minutes on one
-H100/H200), in one Python process:
-  1. the precision line (device, dtype and why);
-  2. the CPU-independent tests, on the GPU machine's torch (a subprocess, cut at 150 s);
-  3. bench_train.py on the device (the tutorial's loop against ours);
-  4. step_cost.py on the device: widths, the plain layout, torch.compile, and compile with CUDA graphs
-     (mode="reduce-overhead");
-  5. the default run, timed, with its FID per epoch (metrics.csv), and `evaluate` on a fresh draw.
+The GPU check: what a GPU needs measured, in one command that one `device` call runs (at most --minutes, 8, on one
+H100/H200), in one Python process, with a summary file (--summary) beside its log:
+  1. the precision and the machine's defaults (GPU_DEFAULTS);
+  2. step_cost.py: a training step at the CPU's and the GPU's widths, recorded as a CUDA graph or not, compiled;
+  3. the default run for seeds 0 and 1: minutes (the first trains the judge), FID per epoch (metrics.csv), and
+     `evaluate` on two fresh draws of each;
+  4. the conditional default, `dataset` (60,000 + 10,000 digits), and `evaluate` with the three outside readers;
+  5. the whole test suite, in the time left.
 
-    python benchmarks/gpu_check.py --data_dir=<folder holding MNIST/raw/> [--out=<folder>]
+    python benchmarks/gpu_check.py --data_dir=<folder holding MNIST/raw/> [--out=<folder>] [--summary=<file>]
     python benchmarks/gpu_check.py --data_dir=<data> --cache_dir=<judge cache> --dry   # every step, tiny, on CPU
 
 MNIST/raw/ may hold the four files gzipped (*.gz): a device call carries at most 64 MiB, and the plain files
-are 53 MiB; they are unpacked into <out>/data. Exits 1 if a step failed.
+are 53 MiB; they are unpacked into <out>/data. A training run that fails with CUDA graphs is run again without
+(--cuda_graphs=False), and says so. Exits 1 if a step failed.
 """
 import argparse
+import contextlib
 import gzip
 import importlib.util
+import io
 import os
 import shutil
 import subprocess
@@ -55,59 +58,132 @@ def unpacked(data_dir, out):
     return os.path.join(out, "data")
 
 
+class Tee(io.TextIOBase):
+    """stdout, copied into a buffer: what each step prints also goes into the summary."""
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--data_dir", required=True)
     p.add_argument("--cache_dir", default="", help="judge cache (default: <out>/cache: the judge is trained once)")
     p.add_argument("--out", default="", help="where the run's files go (default: a new temporary folder)")
+    p.add_argument("--summary", default="", help="the summary file (default: <out>/summary.md)")
+    p.add_argument("--minutes", type=float, default=8.0, help="the suite gets what is left of this")
     p.add_argument("--dry", action="store_true", help="every step on the CPU, a few batches each")
     a = p.parse_args()
+    start = time.time()
     out = a.out or tempfile.mkdtemp(prefix="gpu_check_")
+    os.makedirs(out, exist_ok=True)
+    summary = a.summary or os.path.join(out, "summary.md")
     data, cache, dev = unpacked(a.data_dir, out), a.cache_dir or os.path.join(out, "cache"), "cpu" if a.dry else "cuda"
-    run = ["--epochs=1", "--max_batches=3", "--batch_size=16", "--eval_every=1", "--eval_samples=200",
-           "--eval_draws=1"] if a.dry else []
-    steps = ["--steps=1", "--rounds=1"] if a.dry else ["--steps=30", "--rounds=3"]
-    only = "G64 D32" if a.dry else ("G64 D64,G64 D64 plain layout,G64 D32,G32 D32,G64 D32 compile,"
-                                    "G64 D32 compile CUDA graphs")
     common = [f"--data_dir={data}", f"--device={dev}", f"--cache_dir={cache}"]
+    tiny = ["--max_batches=3", "--batch_size=16", "--eval_every=1", "--eval_samples=200", "--eval_draws=1"]
+    # dry: the GPU's defaults (GPU_DEFAULTS) named, tiny; on a GPU the script picks them itself
+    run = [*tiny, "--epochs=2", "--ngf=16", "--ndf=16"] if a.dry else ["--max_minutes=2"]
+    n_eval = ["--n=200"] if a.dry else ["--n=10000"]
+    steps = ["--steps=1", "--rounds=1"] if a.dry else ["--steps=100", "--rounds=3"]
+    only = "G64 D32,G64 D32 no graphs" if a.dry else ("G64 D32,G64 D32 no graphs,G128 D128,G128 D128 no graphs,"
+                                                      "G128 D128 compile")
+    no_graphs = []  # becomes ["--cuda_graphs=False"] if a run fails with CUDA graphs
+
+    def train(*args):
+        """A training run (dm.main); if it fails with CUDA graphs, again without them in a fresh folder."""
+        began = time.time()
+        try:
+            dm.main([*common, *args, *no_graphs])
+        except Exception:
+            if no_graphs or dev != "cuda":
+                raise
+            print(f"(failed with CUDA graphs: {traceback.format_exc(limit=-2)})\nagain with --cuda_graphs=False")
+            no_graphs.append("--cuda_graphs=False")
+            args = [a if not a.startswith("--output_dir=") else a + "_no_graphs" for a in args]
+            began = time.time()
+            dm.main([*common, *args, *no_graphs])
+        return time.time() - began
 
     def precision():
         device = dm.pick_device(dev)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
-        print(f"torch {torch.__version__}, {device} ({name}): {dm.precision(device)[1]}")
+        print(f"torch {torch.__version__}, {device} ({name}, capability {dm.capability(device)}): "
+              f"{dm.precision(device)[1]}; defaults: {dm.machine_defaults(device.type, dm.capability(device)) or 'CPU'}")
+
+    def metrics(folder):
+        with open(os.path.join(folder, "metrics.csv")) as f:
+            rows = [line.strip().split(",") for line in f]
+        cols = rows[0]
+        print("epoch  seconds  FID   digits")
+        for r in rows[1:]:
+            v = dict(zip(cols, r))
+            print(f"{v['epoch']:>5} {v['seconds']:>8} {v['fid']:>6} {v['min_share']}-{v['max_share']}")
+
+    def default_runs():
+        for seed in (0, 1):
+            folder = f"{out}/default_{seed}"
+            minutes = train(f"--output_dir={folder}", f"--seed={seed}", *run) / 60
+            folder += "_no_graphs" if no_graphs and os.path.isdir(folder + "_no_graphs") else ""
+            print(f"the default run, seed {seed}: {minutes:.2f} min in all" + (" (the judge's training included)"
+                                                                            if seed == 0 else ""))
+            metrics(folder)
+            for draw in (100, 101):  # fresh draws: seeds the training's FID never used
+                dm.main(["evaluate", *common, f"--output_dir={folder}", "--n_train=0", f"--seed={draw}", *n_eval])
+
+    def conditional():
+        folder = f"{out}/conditional"
+        minutes = train(f"--output_dir={folder}", "--conditional=True", "--merge_test=False", *run) / 60
+        folder += "_no_graphs" if no_graphs and os.path.isdir(folder + "_no_graphs") else ""
+        print(f"the conditional default: {minutes:.2f} min in all")
+        metrics(folder)
+        began = time.time()
+        dm.main(["dataset", *common, f"--output_dir={folder}", f"--dataset_dir={out}/fake_mnist", "--overwrite=True",
+                 *(["--n=300", "--n_test=100"] if a.dry else [])])
+        print(f"dataset: {time.time() - began:.0f} s")
+        dm.main(["evaluate", *common, f"--output_dir={folder}", *n_eval, "--n_train=300" if a.dry else "--n_train=60000"])
 
     def tests():
         if a.dry:
             return print("(skipped with --dry: the suite is what runs --dry)")
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                                 "tests/test_machines.py", "tests/test_speed.py", "tests/test_core.py"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=150, env={**os.environ, "DCGAN_DATA_DIR": data})
-        print("\n".join(result.stdout.splitlines()[-3:]))
-
-    def default_run():
-        start = time.time()
-        dm.main([*common, f"--output_dir={out}/run", *run])
-        print(f"the default run: {time.time() - start:.0f} s in all (the judge's training included, on a first run)")
-        dm.main(["evaluate", *common, f"--output_dir={out}/run", "--n_train=0", "--seed=1",
-                 "--n=200" if a.dry else "--n=10000"])
-        shutil.copy(os.path.join(out, "run", "metrics.csv"), os.path.join(out, "metrics.csv"))
+        left = a.minutes * 60 - (time.time() - start) - 15
+        try:
+            result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5"],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=max(left, 1),
+                                    env={**os.environ, "DCGAN_DATA_DIR": data})
+            print("\n".join((result.stdout + result.stderr).splitlines()[-40:]))
+        except subprocess.TimeoutExpired as e:
+            text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            print(f"(the suite ran out of time after {left:.0f} s)\n" + "\n".join(text.splitlines()[-20:]))
 
     failed = []
-    for title, step in (("1. precision", precision), ("2. tests", tests),
-                        ("3. bench_train.py", lambda: benchmark("bench_train", f"--data_dir={data}",
-                                                                f"--device={dev}", *steps)),
-                        ("4. step_cost.py", lambda: benchmark("step_cost", f"--data_dir={data}", f"--device={dev}",
+    for title, step in (("1. precision and defaults", precision),
+                        ("2. step_cost.py", lambda: benchmark("step_cost", f"--data_dir={data}", f"--device={dev}",
                                                               *steps, f"--only={only}")),
-                        ("5. the default run", default_run)):
+                        ("3. the default run, seeds 0 and 1", default_runs),
+                        ("4. the conditional default, dataset and the readers", conditional),
+                        ("5. the test suite", tests)):
         print(f"== {title}", flush=True)
-        start = time.time()
+        began, buffer = time.time(), io.StringIO()
         try:
-            step()
+            with contextlib.redirect_stdout(Tee(sys.stdout, buffer)):
+                step()
         except (Exception, SystemExit) as e:  # one step failing must not cost the others' figures
             failed.append(title)
             print(f"({title} failed: {type(e).__name__} {e})\n{traceback.format_exc(limit=-3)}", flush=True)
-        print(f"({title}: {time.time() - start:.0f} s)", flush=True)
-    print(f"gpu_check done: {out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+            buffer.write(f"FAILED: {type(e).__name__} {e}\n")
+        print(f"({title}: {time.time() - began:.0f} s)", flush=True)
+        with open(summary, "a") as f:  # after each step: a run cut short still leaves what it measured
+            f.write(f"## {title} ({time.time() - began:.0f} s)\n```\n{buffer.getvalue().strip()}\n```\n\n")
+    print(f"gpu_check done in {(time.time() - start) / 60:.1f} min: {out}, summary {summary}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
     sys.exit(1 if failed else 0)
 
 

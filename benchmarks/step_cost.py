@@ -5,11 +5,15 @@ FLOP count: how far each is from the machine's limit, and what a default run cos
     python benchmarks/step_cost.py --data_dir=../shared/data [--device=auto] [--steps=15] [--rounds=3] [--no_amp]
         [--only="G64 D64,G64 D32"]   (the compile settings run only where named in --only)
 
+On CUDA, train_one_epoch records the step as a CUDA graph after 3 batches (CUDA_GRAPHS), once per call: give
+--steps well above 3 (100+) for the steady cost; "no graphs" settings run it kernel by kernel.
+
 Each round trains `steps` batches of every setting in turn (after one warm-up round), so slow spells of a
 shared machine hit all alike; medians of the rounds are printed. FLOPs: torch.utils.flop_counter on one batch
 (convolutions and matmuls, forward and backward; a multiply-add counts 2).
 """
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -31,8 +35,11 @@ SETTINGS = {  # name: overrides of the script's defaults (G: NGF, D: NDF)
     "G48 D32": {"ngf": 48, "ndf": 32},
     "G32 D32": {"ngf": 32, "ndf": 32},
     "G32 D32 1 G step": {"ngf": 32, "ndf": 32, "g_steps": 1},
+    "G128 D128": {"ngf": 128, "ndf": 128},  # GPU_DEFAULTS' widths
+    "G64 D32 no graphs": {"cuda_graphs": False},  # CUDA: kernel by kernel, not a recorded step (CUDA_GRAPHS)
+    "G128 D128 no graphs": {"ngf": 128, "ndf": 128, "cuda_graphs": False},
     "G64 D32 compile": {"compile": True},  # torch.compile's default mode (fuses small kernels)
-    "G64 D32 compile CUDA graphs": {"compile_mode": "reduce-overhead"},  # and replays steps as CUDA graphs
+    "G128 D128 compile": {"ngf": 128, "ndf": 128, "compile": True},
 }
 
 
@@ -63,31 +70,33 @@ def main():
         cfg = dict(base, **SETTINGS[name])
         torch.manual_seed(0)
         gan = dm.build_models(cfg, device)
-        if "compile_mode" in cfg:
-            gan.G.compile(mode=cfg["compile_mode"])
-            gan.D.compile(mode=cfg["compile_mode"])
-        plain = dict(cfg, compile=False)  # FLOPs counted on an uncompiled copy: compiling changes no FLOP
+        plain = dict(cfg, compile=False, cuda_graphs=False)  # FLOPs counted uncompiled: compiling changes no FLOP
         runs[name] = (cfg, gan, batch_flops(data, dm.build_models(plain, device), plain, amp))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"device={device} ({why}) capability={torch.backends.cpu.get_cpu_capability()} "
           f"threads={torch.get_num_threads()} steps={args.steps} rounds={args.rounds}")
     times = {n: [] for n in names}
     for r in range(args.rounds + 1):  # round 0 warms up
-        for name in names:
+        for name in [n for n in names if n in runs]:
             cfg, gan, _ = runs[name]
             sync()
             t = time.perf_counter()
-            dm.train_one_epoch(data, gan, dm.TrainState(), cfg, amp, args.steps)
+            try:
+                dm.train_one_epoch(data, gan, dm.TrainState(), cfg, amp, args.steps)
+            except Exception as e:  # one setting failing must not cost the others' figures
+                print(f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})")
+                del runs[name]
+                continue
             sync()
             if r:
                 times[name].append((time.perf_counter() - t) / args.steps)
     batches = -(-len(data.images) // base["batch_size"])
-    print(f"{'setting':<18} {'s/batch':>8} {'GFLOP/batch':>12} {'GFLOP/s':>8} {'min/epoch':>10} {'vs 1st':>7}")
-    ref = statistics.median(times[names[0]])
-    for name in names:
+    print(f"{'setting':<22} {'s/batch':>8} {'GFLOP/batch':>12} {'GFLOP/s':>8} {'min/epoch':>10} {'vs 1st':>7}")
+    ref = statistics.median(times[names[0]]) if names[0] in runs else math.nan
+    for name in [n for n in names if n in runs]:
         s = statistics.median(times[name])
         gflop = runs[name][2] / 1e9
-        print(f"{name:<18} {s:8.3f} {gflop:12.1f} {gflop / s:8.1f} {s * batches / 60:10.2f} {s / ref:7.2f}")
+        print(f"{name:<22} {s:8.4f} {gflop:12.1f} {gflop / s:8.1f} {s * batches / 60:10.2f} {s / ref:7.2f}")
 
 
 if __name__ == "__main__":
