@@ -71,7 +71,7 @@ MODE_SEEKING = 2.0      # conditional GAN only: reward G for two different digit
 # how long
 EPOCHS = 7              # passes over the data (one epoch = 70,000 images; 60,000 with MERGE_TEST=False)
 CONDITIONAL_DEFAULTS = {"g_steps": 1, "epochs": 10, "ndf": 64}  # a conditional GAN's, unless given (measured there)
-GPU_DEFAULTS = {"ngf": 128, "ndf": 128, "epochs": 20}  # a GPU's, unless given: there a wider G and D cost no time
+GPU_DEFAULTS = {"ngf": 128, "ndf": 128, "epochs": 14}  # a GPU's, unless given: there a wider G and D cost no time
 EARLY_STOPPING = 5      # stop once this many epochs have passed without improvement of SELECT_BY (when measured)
 MAX_MINUTES = 28.0      # stop before an epoch that would end past this budget (0 = no limit)
 MAX_BATCHES = 0         # 0 = whole epoch; N > 0 = at most N batches per epoch (smoke runs)

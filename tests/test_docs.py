@@ -6,7 +6,7 @@ import pytest
 
 from conftest import ROOT, dm
 
-BENCHMARK_OPTIONS = ("help", "lowercase_name", "no_amp", "dry", "steps", "rounds", "stds", "filter", "filters", "agrees", "centers", "ckpts", "only", "seeds", "plot")
+BENCHMARK_OPTIONS = ("help", "lowercase_name", "no_amp", "dry", "steps", "rounds", "stds", "filter", "filters", "agrees", "centers", "ckpts", "only", "seeds", "plot", "summary", "minutes")
 DOCS = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "docs", "results.md")]
 
 

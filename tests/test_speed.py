@@ -1,11 +1,12 @@
 """Issue 5: the speed options change how a step runs, not what it computes (beyond float rounding)."""
 import copy
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import dm
+from conftest import DATA_DIR, dm, run_main
 
 
 def _flat(model):
@@ -83,3 +84,17 @@ def test_the_judge_scores_in_channels_last_with_the_same_outputs(judge, mnist):
     for fast, slow in zip(dm.judge_outputs(judge, x, torch.device("cpu")),
                           dm.judge_outputs(plain, x, torch.device("cpu"))):
         np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # a minute of compilation on 2 cores: python -m pytest -q -m slow
+def test_compile_trains_resumes_and_saves_plain_checkpoints_on_the_cpu(tmp_path):
+    """--compile=True, as a user runs it on a CPU (channels_last there; on CUDA the plain layout, #171622)."""
+    out = str(tmp_path / "o")
+    args = ["--compile=True", "--max_batches=3", "--batch_size=16", "--ngf=16", "--ndf=16", "--device=cpu",
+            f"--data_dir={DATA_DIR}", f"--output_dir={out}"]
+    result = run_main(*args, "--epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_main(*args, "--epochs=2", "--resume")
+    assert result.returncode == 0 and "Epoch [2/2]" in result.stdout, result.stderr[-3000:]
+    G = dm.load_generator(os.path.join(out, "G_model.ckpt"), 100, torch.device("cpu"))  # no "_orig_mod." keys
+    assert G.main[0].weight.shape[1] == 4 * 16
