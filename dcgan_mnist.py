@@ -223,6 +223,11 @@ def load_mnist(data_dir):
     return MNIST(splits[0].data, splits[0].targets, splits[1].data, splits[1].targets)
 
 
+def mnist_files_present(data_dir):
+    raw = os.path.join(os.path.expanduser(data_dir), "MNIST", "raw")
+    return all(os.path.isfile(os.path.join(raw, f)) for f in RAW_FILES)
+
+
 def idx_file_problem(path):
     """What is wrong with an MNIST IDX file (header, then its size), or None. Images: magic 2051, count,
     rows, cols, then count*rows*cols bytes; labels: magic 2049, count, then count bytes (big-endian)."""
@@ -1109,6 +1114,59 @@ def quality(feats, probs, ref_stats, asked=None):
             "confidence": float(probs.max(1).mean()), "label_accuracy": label_accuracy}
 
 
+def distance_chunks(a, b, chunk=500):
+    """Euclidean distances from the rows of a (n, d) to those of b (m, d), `chunk` rows of a at a time, as matrix
+    products (|x|^2 + |y|^2 - 2 x.y): 10,000 x 70,000 digits in seconds, memory holding chunk x m, never n x m."""
+    a, b = (torch.as_tensor(t).float() for t in (a, b))
+    b2 = (b * b).sum(1)
+    for x in a.split(chunk):
+        yield ((x * x).sum(1, keepdim=True) + b2 - 2 * x @ b.T).clamp_(min=0).sqrt_()
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of two sets of features of the same size: each
+    digit's ball reaches its k-th nearest neighbour in its own set. Precision, fidelity: the share of fakes inside
+    some real digit's ball. Recall, diversity: the share of real digits inside some fake's ball. FID mixes the two."""
+    def inside(x, ref):
+        radii = torch.cat([d.kthvalue(k + 1, dim=1).values for d in distance_chunks(ref, ref)])  # k + 1: itself at 0
+        return torch.cat([(d <= radii).any(1) for d in distance_chunks(x, ref)]).float().mean().item()
+    return inside(fake, real), inside(real, fake)
+
+
+def nearest_training(digits, train_digits):
+    """Each uint8 digit's distance in pixels (0-1, 784 of them) to its nearest training digit, and that digit's
+    index, both centred by centre of mass first (center_digits, as MNIST's were): a copy moved by a pixel is a copy."""
+    x, t = (center_digits(d).flatten(1).float() / 255 for d in (digits, train_digits))
+    nearest = [d.min(1) for d in distance_chunks(x, t)]
+    return torch.cat([n.values for n in nearest]), torch.cat([n.indices for n in nearest])
+
+
+def near_copies(digits, mnist, test_distances):
+    """Each digit's nearest_training distance to the 70,000 MNIST digits (all G may have learned from) and that
+    digit's index; and the share of digits closer to one than 99% of the real test digits are to the 60,000
+    training digits (test_distances: nearest_training(test, train)): about 1% when G does not copy."""
+    dist, idx = nearest_training(digits, torch.cat([mnist.train_images, mnist.test_images]))
+    return dist, idx, (dist < torch.quantile(test_distances, 0.01)).float().mean().item()
+
+
+def fidelity(digits, mnist, judge, device, n=10000):
+    """Fidelity, diversity and near-copies of (the first n of) these uint8 digits, beside as many real test digits'
+    figures (the floor): precision_recall in the judge's features against as many real training digits, and
+    near_copies in pixels (10,000 digits: about 10 s on 2 CPU cores). Returns (the figures, what
+    nearest_neighbours.png shows)."""
+    digits = digits[:n]
+    train, test, fake = (judge_outputs(judge, to_float(x[:len(digits)]), device)[0]
+                         for x in (mnist.train_images, mnist.test_images, digits))
+    test_dist, test_idx = nearest_training(mnist.test_images[:len(digits)], mnist.train_images)
+    dist, idx, share = near_copies(digits, mnist, test_dist)
+    (p, r), (real_p, real_r) = precision_recall(train, fake), precision_recall(train, test)
+    real_share = (test_dist < torch.quantile(test_dist, 0.01)).float().mean().item()  # 1% by its definition
+    figures = {"precision": p, "recall": r, "near_copies": share, "median_distance": dist.median().item(),
+               "real_precision": real_p, "real_recall": real_r, "real_near_copies": real_share,
+               "real_median_distance": test_dist.median().item()}
+    return figures, (digits, dist, idx, test_dist, test_idx)
+
+
 def real_outputs(judge, mnist, device):
     """judge_outputs of the 10,000 test digits and of the first 10,000 training digits."""
     return (judge_outputs(judge, to_float(mnist.test_images), device),
@@ -1533,7 +1591,9 @@ def write_dataset(cfg, opts):
     check_dataset_target(raw, cfg["data_dir"], opts["dataset_dir"], opts["overwrite"])
     device = pick_device(cfg["device"])
     G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
-    judge, builder = get_builders(G, cfg, None, device)
+    needs_mnist = not G.n_classes or cfg["dataset_filter"] or mnist_files_present(cfg["data_dir"])  # or to measure
+    mnist = load_mnist(cfg["data_dir"]) if needs_mnist else None
+    judge, builder = get_builders(G, cfg, mnist, device)
     os.makedirs(raw, exist_ok=True)
     tally = Counter()
     for split, n, offset in (("train", opts["n"], 0), ("t10k", opts["n_test"], 1)):
@@ -1545,6 +1605,22 @@ def write_dataset(cfg, opts):
           f"Load with torchvision.datasets.MNIST({opts['dataset_dir']!r}) or --data_dir={opts['dataset_dir']}")
     if tally["drawn"]:
         print(turned_away(tally))
+    if mnist is None:
+        print(f"(precision, recall and near-copies not measured: MNIST is not in {cfg['data_dir']})")
+    else:
+        record_fidelity(raw, opts["n"], mnist, judge or get_judge(cfg["cache_dir"], mnist, device), device)
+
+
+def record_fidelity(raw, n, mnist, judge, device):
+    """fidelity() of the set as written (its first 10,000 training digits, read back from the file), into MANIFEST
+    and one closing line."""
+    k = min(n, 10000)
+    digits = np.fromfile(os.path.join(raw, "train-images-idx3-ubyte"), np.uint8, count=k * 784, offset=16)
+    f = fidelity(torch.from_numpy(digits).view(k, 28, 28), mnist, judge, device)[0]
+    record_written(raw, {}, fidelity={"digits": k, **f})
+    print(f"Its first {k:,} training digits: precision {f['precision']:.1%}, recall {f['recall']:.1%}, near-copies "
+          f"{f['near_copies']:.1%}, median distance {f['median_distance']:.2f} (real test digits: {f['real_precision']:.1%}"
+          f", {f['real_recall']:.1%}, {f['real_near_copies']:.1%}, {f['real_median_distance']:.2f}; see {MANIFEST})")
 
 
 def with_progress(chunks, n, desc, tally):
@@ -1593,9 +1669,10 @@ def write_idx_split(raw, split, n, chunks):
 MANIFEST = "written_by_dcgan_mnist.json"  # in a fake set's raw/ folder: the sha256 of each file `dataset` wrote
 
 
-def record_written(raw, digests):
+def record_written(raw, digests, **measured):
+    """Add these files' sha256 to MANIFEST (and what `dataset` measured of the set, once it is written)."""
     atomic_write(os.path.join(raw, MANIFEST), lambda f: f.write(json.dumps(
-        {"files": {**read_manifest(raw), **digests}}, indent=1).encode()))
+        {"files": {**read_manifest(raw), **digests}, **measured}, indent=1).encode()))
 
 
 def read_manifest(raw):
@@ -1703,8 +1780,36 @@ def evaluate(cfg, opts):
             ("generated", fid_by_digit(feats, asked.numpy(), test_feats, mnist.test_labels.numpy())),
             ("real: 10,000 training images", fid_by_digit(real_feats, mnist.train_labels[:10000].numpy(),
                                                           test_feats, mnist.test_labels.numpy()))], "6.1f")
+    report_fidelity(to_uint8(fakes), asked, mnist, judge, device, os.path.join(cfg["output_dir"], "nearest_neighbours.png"))
     if opts["n_train"]:
         report_train_on_fake(G, cfg, opts["n_train"], mnist, judge, device)
+
+
+def report_fidelity(digits, asked, mnist, judge, device, path):
+    """Is a worse FID lost fidelity or lost diversity, and does G copy? fidelity()'s figures beside the real test
+    digits', near-copies by digit for a conditional G, and `path`: row 1, the generated digits nearest to a training
+    digit; row 2, those training digits; rows 3-4, the same for the real test digits (what "close" is between two
+    real digits). All centred, as compared."""
+    f, (digits, dist, idx, test_dist, test_idx) = fidelity(digits, mnist, judge, device)
+    print(f"{f'vs {len(digits):,} real training digits':<44} {'precision':>9} {'recall':>7} {'near-copies':>12} "
+          f"{'median distance':>16}")
+    for name, key in (("generated", ""), (f"real: {len(digits):,} test digits", "real_")):
+        print(f"{name:<44} {f[key + 'precision']:9.1%} {f[key + 'recall']:7.1%} {f[key + 'near_copies']:12.1%} "
+              f"{f[key + 'median_distance']:16.2f}")
+    print("(precision: share of digits like real ones; recall: share of real digits G draws (judge features, k = 3);"
+          " near-copies: share closer to a training digit, in pixels, than 99% of the real test digits are: ~1% if G"
+          " does not copy)")
+    if asked is not None:
+        threshold, asked = torch.quantile(test_dist, 0.01), asked[:len(digits)]
+        print_by_digit("near-copies per digit (%)", [("generated", [
+            100 * (dist[asked == d] < threshold).float().mean().item() for d in range(N_CLASSES)])], "6.1f")
+    closest, closest_test = dist.argsort()[:12], test_dist.argsort()[:12]
+    everything = torch.cat([mnist.train_images, mnist.test_images])
+    rows = [digits[closest], everything[idx[closest]], mnist.test_images[closest_test],
+            mnist.train_images[test_idx[closest_test]]]
+    save_grid(to_float(center_digits(torch.cat(rows))), path, nrow=12)
+    print(f"Wrote {path} (rows: the generated digits closest to a training digit, those training digits; the same "
+          f"for real test digits)")
 
 
 def report_train_on_fake(G, cfg, n_train, mnist, judge, device):

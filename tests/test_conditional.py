@@ -1,4 +1,5 @@
 """Issue 10: the conditional mode, the held-out setting, the fake MNIST in MNIST's files, train-on-fake."""
+import json
 import os
 import re
 from collections import Counter
@@ -150,6 +151,10 @@ def test_dataset_is_mnist_to_torchvision_and_to_this_script(conditional_run, jud
         assert ds.targets.dtype == torch.int64
         assert np.bincount(ds.targets.numpy(), minlength=10).tolist() == [n // 10] * 10  # balanced
         assert ds.data.float().std() > 10  # images, not blanks
+    manifest = json.load(open(os.path.join(raw, dm.MANIFEST)))  # what `dataset` measured of the set it wrote
+    assert sorted(manifest["files"]) == sorted(dm.RAW_FILES) and manifest["fidelity"]["digits"] == 50
+    assert 0 <= manifest["fidelity"]["near_copies"] <= 1 and manifest["fidelity"]["real_recall"] > 0.5
+    assert f"Its first 50 training digits: precision {manifest['fidelity']['precision']:.1%}" in result.stdout
     loaded = dm.load_mnist(folder)  # a drop-in for --data_dir
     assert torch.equal(loaded.train_images, torchvision.datasets.MNIST(folder, train=True).data)
     assert len(loaded.test_labels) == 20
@@ -161,7 +166,7 @@ def test_dataset_is_mnist_to_torchvision_and_to_this_script(conditional_run, jud
                           f"--dataset_center={center}", f"--ckpt={conditional_run}/G_model.ckpt",
                           f"--data_dir={tmp_path / 'no_mnist'}", f"--output_dir={tmp_path / 'o'}")
         assert result.returncode == 0, result.stderr[-3000:]
-    assert "the digits G was asked for)" in result.stdout
+    assert "the digits G was asked for)" in result.stdout and "not measured: MNIST is not in" in result.stdout
     centred, drawn = (torchvision.datasets.MNIST(sets[c], train=True, download=False) for c in (True, False))
     assert np.bincount(drawn.targets.numpy(), minlength=10).tolist() == [5] * 10
     assert torch.equal(centred.data, dm.center_digits(drawn.data)) and not torch.equal(centred.data, drawn.data)

@@ -106,10 +106,10 @@ def test_smoke_runs_skip_evaluation_unless_asked(tmp_path, judge_cache):
     assert not os.path.exists(tmp_path / "no_judge")  # the judge was not even loaded
 
 
-def test_evaluate_prints_the_table_for_a_smoke_run_checkpoint(smoke_run, judge_cache):
+def test_evaluate_prints_the_table_for_a_smoke_run_checkpoint(smoke_run, judge_cache, tmp_path):
     out, _ = smoke_run
-    result = run_main("evaluate", "--n=1000", "--n_train=0", f"--data_dir={DATA_DIR}", f"--output_dir={out}",
-                      f"--cache_dir={judge_cache}")
+    result = run_main("evaluate", "--n=1000", "--n_train=0", f"--data_dir={DATA_DIR}", f"--ckpt={out}/G_model.ckpt",
+                      f"--output_dir={tmp_path}", f"--cache_dir={judge_cache}")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].split()[-6:] == ["FID", "score", "rarest", "digit", "commonest", "confidence"]
@@ -119,3 +119,34 @@ def test_evaluate_prints_the_table_for_a_smoke_run_checkpoint(smoke_run, judge_c
     assert not [l for l in lines if "train-on-fake" in l]  # --n_train=0: no classifier trained
     assert fid_model > 10 * fid_real  # 6 steps of training are far from real digits
     assert 1 < fid_real < 10  # the floor: real training digits against the test digits
+    header = next(i for i, l in enumerate(lines) if l.startswith("vs 1,000 real training digits"))
+    assert lines[header].split()[-5:] == ["precision", "recall", "near-copies", "median", "distance"]
+    generated, real = ([float(v.rstrip("%")) for v in lines[header + i].split()[-4:]] for i in (1, 2))
+    assert lines[header + 2].startswith("real: 1,000 test digits") and real[2] == pytest.approx(1.0, abs=0.2)
+    assert generated[1] < real[1] / 2  # 6 steps: G draws few kinds of digit
+    assert generated[3] > real[3]  # far from every training digit: no copies
+    assert os.path.isfile(tmp_path / "nearest_neighbours.png")
+
+
+def test_precision_recall_and_near_copies_tell_real_digits_copies_and_a_one_digit_generator_apart(mnist, judge):
+    """Other real digits score like the floor; training digits, copied or moved by a pixel, are near-copies; a
+    generator that draws only ones keeps precision and loses recall."""
+    train, test, n = mnist.train_images, mnist.test_images, 2000
+    feats = {name: dm.judge_outputs(judge, dm.to_float(x), CPU)[0]
+             for name, x in (("train", train[:n]), ("test", test[:n]), ("other", train[30000:30000 + n]),
+                             ("ones", test[mnist.test_labels == 1][:n]), ("ones_ref", train[mnist.train_labels == 1][:n]))}
+    floor = dm.precision_recall(feats["train"], feats["test"])
+    other = dm.precision_recall(feats["train"], feats["other"])
+    assert 0.6 < floor[0] < 1 and 0.6 < floor[1] < 1
+    assert other == pytest.approx(floor, abs=0.05)  # real digits score near the floor
+    ones = dm.precision_recall(feats["train"][:len(feats["ones"])], feats["ones"])
+    assert ones[0] > floor[0] - 0.1 and ones[1] < 0.3  # faithful digits, one kind of them: recall falls
+    small = mnist._replace(train_images=train[:10000], test_images=test[:n])  # what near_copies compares with
+    test_distances = dm.nearest_training(test[:n], train[:10000])[0]
+    moved = dm.shift_images(train[:n], torch.randint(-1, 2, (n,)), torch.randint(-1, 2, (n,)), 1, 0)
+    for digits, low, high in ((test[n:2 * n], 0.0, 0.03),  # other real digits: about 1%
+                              (train[:n], 1.0, 1.0),  # copies
+                              (moved, 0.9, 1.0)):  # copies moved by up to a pixel
+        distances, nearest, share = dm.near_copies(digits, small, test_distances)
+        assert low <= share <= high, share
+    assert torch.equal(dm.near_copies(train[:n], small, test_distances)[1], torch.arange(n))  # each finds itself
