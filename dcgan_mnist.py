@@ -1350,10 +1350,16 @@ def load_generator(path, noise_dim, device):
     shape = tuple(state.get("main.0.weight", torch.empty(0)).shape) if isinstance(state, dict) else ()
     conditional = shape[:1] == (noise_dim + N_CLASSES,)
     G = Generator(noise_dim, N_CLASSES if conditional else 0, shape[1] // 4 if len(shape) == 4 else NGF).to(device)
+    if isinstance(state, dict) and {"G_ema", "state"} <= set(state):
+        die(f"{path} is a training state (the last.ckpt that --resume reads), not a generator; pass the "
+            f"G_model.ckpt beside it", 1)
+    if isinstance(state, dict) and "main.8.weight" in state and "main.9.weight" not in state:  # D's last layer
+        die(f"{path} is a discriminator (a D_model.ckpt), not a generator; pass the G_model.ckpt beside it", 1)
     try:
         G.load_state_dict(state)
-    except Exception as e:
-        die(f"{path}: not a Generator(noise_dim={noise_dim}) state_dict: {str(e).splitlines()[0][:200]}", 1)
+    except Exception as e:  # torch's first line is a heading ("Error(s) in loading ..."); the details follow it
+        details = " ".join(line.strip() for line in str(e).splitlines()[1:])[:200]
+        die(f"{path} is not a Generator(noise_dim={noise_dim}) state_dict ({details or e})", 1)
     return G.eval()
 
 

@@ -251,6 +251,17 @@ def test_bad_checkpoints_give_one_clear_line_and_exit_1(smoke_out, tmp_path):
             assert_one_line_error(result, 1, path)
 
 
+@pytest.mark.parametrize("name, what", [("D_model.ckpt", "is a discriminator (a D_model.ckpt), not a generator"),
+                                        ("last.ckpt", "is a training state (the last.ckpt that --resume reads)")])
+def test_a_discriminator_or_a_training_state_given_as_the_generator_is_named(name, what, smoke_out, tmp_path):
+    for command in ("sample", "evaluate", "dataset"):
+        result = run_main(command, f"--ckpt={smoke_out}/{name}", f"--output_dir={tmp_path / 'o'}",
+                          f"--dataset_dir={tmp_path / 'd'}" if command == "dataset" else "--seed=0",
+                          f"--data_dir={DATA_DIR}")
+        err = assert_one_line_error(result, 1, f"{smoke_out}/{name} {what}", "pass the G_model.ckpt beside it")
+        assert err.endswith("beside it")  # a whole sentence, not torch's heading
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.system, (f"touch {_Exploit.marker}",))
