@@ -16,9 +16,11 @@ Sections, in reading order. A first read: the [DCGAN] ones, 1-6, are the algorit
    4. [DCGAN] models (Discriminator, Generator)  9. [using G] sampling, evaluation, the fake dataset
    5. [DCGAN] training steps (D_train, G_train) 10. [command line] options, validation and main
 """
+import argparse
 import ast
 import contextlib
 import copy
+import difflib
 import errno
 import functools
 import hashlib
@@ -1880,78 +1882,79 @@ def stop_cleanly_on_signal(command):
             signal.signal(s, h)
 
 
-def config_help():
-    """--help text: each constant with its default and the comment written beside it."""
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a bad command line ends in one line and exit 2, like every other error here (argparse
+    prints its usage first), naming the closest valid option of an unknown one."""
+    def error(self, message):
+        names = [o for a in self._actions for o in a.option_strings]
+        unknown = re.findall(r"(--?[\w-]+)", message.partition("unrecognized arguments:")[2])
+        close = [([n for n in names if n.startswith(u)] or difflib.get_close_matches(u, names, 1, 0.6) or [""])[0]
+                 for u in unknown]  # what it abbreviates, or the nearest spelling
+        close = [c for c in close if c]
+        die(message + (f" (did you mean {', '.join(close)}?)" if close else ""), 2)
+
+
+def option_type(default):
+    """The command line's type for a constant: the constant's own; a bool takes True/False/1/0, a tuple (betas) a
+    Python tuple of as many numbers."""
+    def parse(text):
+        try:
+            if isinstance(default, bool):
+                return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+            if isinstance(default, tuple):
+                value = ast.literal_eval(text)
+                assert isinstance(value, tuple) and len(value) == len(default) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+                return tuple(float(v) for v in value)
+            return type(default)(text)  # int("2.5") fails; float("3") is a fine float
+        except (KeyError, ValueError, SyntaxError, AssertionError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {type(default).__name__} (default: {default!r})")
+    return parse
+
+
+def whole_number(low, high):
+    def parse(text):
+        if not re.fullmatch(r"\d+", text) or int(text) < low or (high is not None and int(text) > high):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number from {low}"
+                                             + (f" to {high}" if high else " up"))
+        return int(text)
+    return parse
+
+
+def add_option(parser, name, default, meaning, kind=None):
+    """--name value or --name=value; a bool's bare --name means True. The default appears in --help only: the
+    parsed namespace holds what was given (argument_default=SUPPRESS), so a resumed run knows what was told."""
+    switch = isinstance(default, bool)
+    parser.add_argument(f"--{name}", type=kind or option_type(default), nargs="?" if switch else None,
+                        const=True if switch else None, metavar=type(default).__name__ if default is not None else "int",
+                        help=argparse.SUPPRESS if meaning is None else f"{meaning} (default: {default!r})".replace("%", "%%"))
+
+
+def parse_args(argv, extra=None, command="train"):
+    """argv -> (config dict, names given on the command line, the command's own options). Bad input exits 2.
+    extra: the command's own options (COMMAND_OPTIONS[command]); the hyperparameters apply to every command."""
     source = open(__file__, encoding="utf-8").read()
-    lines = []
-    for name in CONFIG_NAMES:
+    prog = f"python {os.path.basename(__file__)}" + ("" if command == "train" else f" {command}")
+    parser = Parser(prog=prog, usage=f"{prog} [--name=value ...]", allow_abbrev=False,
+                    description=__doc__ if command == "train" else COMMANDS[command], argument_default=argparse.SUPPRESS,
+                    formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32, width=118),
+                    epilog=f"--conditional=True changes these defaults (CONDITIONAL_DEFAULTS): {CONDITIONAL_DEFAULTS}\n"
+                           f"On a CUDA GPU (compute capability 7.0+), after those (GPU_DEFAULTS): {GPU_DEFAULTS}"
+                    if command == "train" else "The training hyperparameters apply too where they matter (--output_dir, "
+                    "--data_dir, --seed, --device, ...): python dcgan_mnist.py --help lists them all.")
+    for name, (spec, meaning) in (extra or {}).items():
+        default, kind = (spec[0], whole_number(*spec[1:])) if isinstance(spec, tuple) else (spec, None)
+        add_option(parser, name, default, meaning, kind)
+    for name in CONFIG_NAMES:  # each constant of section 1, with the comment written beside it
         comment = re.search(rf"^{name} = .*?#\s*(.*)$", source, re.M)
-        option = f"--{name.lower()}={globals()[name]!r}"
-        lines.append(f"  {option:<36} {comment.group(1) if comment else ''}")
-    return "\n".join(lines)
-
-
-BOOLS = {"true": True, "1": True, "false": False, "0": False}
-
-
-def parse_value(text, default):
-    """Parse `text` as the type of `default`; None if it does not fit."""
-    try:
-        if isinstance(default, bool):
-            return BOOLS[text.lower()]
-        if isinstance(default, int):
-            return int(text)
-        if isinstance(default, float):
-            return float(text)  # "3" is a fine float
-        if isinstance(default, tuple):
-            value = ast.literal_eval(text)
-            ok = isinstance(value, tuple) and len(value) == len(default) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-            return tuple(float(v) for v in value) if ok else None
-        return text
-    except (KeyError, ValueError, SyntaxError, TypeError):
-        return None
-
-
-def parse_args(argv, extra=None):
-    """argv -> (config dict, names given on the command line, extra options). Bad input exits 2.
-    extra: the command's own options (COMMAND_OPTIONS[command])."""
+        add_option(parser, name.lower(), globals()[name], None if command != "train" else comment and comment[1])
+    told = vars(parser.parse_args(argv))
     cfg = {name.lower(): globals()[name] for name in CONFIG_NAMES}
-    extra = extra or {}
-    given, options = set(), {}
-    valid = ", ".join(f"--{k}" for k in list(cfg) + list(extra))
-    switches = [k for k, v in {**cfg, **{k: spec[0] for k, spec in extra.items()}}.items() if isinstance(v, bool)]
-    argv = list(argv)
-    while argv:
-        arg, after = argv.pop(0), argv[0] if argv else "--"
-        if arg.startswith("--") and "=" not in arg and not after.startswith("--") and (
-                arg[2:] not in switches or after.lower() in BOOLS):  # "--epochs 5" = "--epochs=5"; a bare --resume: True
-            arg = f"{arg}={argv.pop(0)}"
-        if arg in ("-h", "--help"):
-            print(__doc__.strip() + "\n\nHyperparameters (--name=value or --name value):\n" + config_help()
-                  + f"\n\n--conditional=True changes these defaults (CONDITIONAL_DEFAULTS): {CONDITIONAL_DEFAULTS}"
-                  + f"\nOn a CUDA GPU (compute capability 7.0+), after those (GPU_DEFAULTS): {GPU_DEFAULTS}")
-            sys.exit(0)
-        name, eq, text = arg[2:].partition("=")
-        name = name.replace("-", "_")
-        if not arg.startswith("--") or (name not in cfg and name not in extra):
-            die(f"unknown option {arg!r}; valid options: {valid}", 2)
-        if name in extra:
-            options[name] = text if eq else ""
-            continue
-        default = cfg[name]
-        if not eq and isinstance(default, bool):
-            text = "true"  # a bare --resume means --resume=True
-        elif not eq:
-            die(f"--{name} needs a value, e.g. --{name}={default!r}", 2)
-        value = parse_value(text, default)
-        if value is None:
-            die(f"--{name}={text} is not a valid {type(default).__name__} (default: {default!r})", 2)
-        cfg[name] = value
-        given.add(name)
+    given = {k for k in told if k in cfg}
+    cfg.update({k: told[k] for k in given})
     if cfg["conditional"]:  # the conditional GAN's own measured defaults, where the command line is silent
         cfg.update({k: v for k, v in CONDITIONAL_DEFAULTS.items() if k not in given})
-    return cfg, given, options
+    return cfg, given, {k: v for k, v in told.items() if k not in cfg}
 
 
 def validate(cfg):
@@ -2062,14 +2065,14 @@ def output_folder_lock(folder, command="train", option="output_dir"):
 COMMAND_OPTIONS = {
     "train": {},
     "sample": {
-        "ckpt": ("", "the generator to draw from (default: <output_dir>/G_model.ckpt)"),
+        "ckpt": ("", "the generator to draw from ('': <output_dir>/G_model.ckpt)"),
         "digit": ((None, 0, N_CLASSES - 1), "conditional G: an 8x8 grid (and PNGs) of this digit only"),
         "interpolate": (False, "also write <output_dir>/interpolation.png, walks through the noise"),
         "png_dir": ("", "also write --n separate 28x28 PNGs here (conditional G: <png_dir>/<digit>/NNNNNN.png)"),
         "n": ((64, 1, None), "how many PNGs --png_dir gets"),
     },
     "evaluate": {
-        "ckpt": ("", "the generator to measure (default: <output_dir>/G_model.ckpt)"),
+        "ckpt": ("", "the generator to measure ('': <output_dir>/G_model.ckpt)"),
         "n": ((10000, 100, None), "generated digits scored against the 10,000 real test digits"),
         "n_train": ((60000, 0, None), "train-on-fake: a classifier trained on this many generated digits (0 = skip)"),
     },
@@ -2077,7 +2080,7 @@ COMMAND_OPTIONS = {
         "dataset_dir": ("", "required: write the fake MNIST to <dataset_dir>/MNIST/raw/, MNIST's four files"),
         "n": ((60000, 1, None), "training digits"),
         "n_test": ((10000, 1, None), "test digits"),
-        "ckpt": ("", "the generator to draw from (default: <output_dir>/G_model.ckpt)"),
+        "ckpt": ("", "the generator to draw from ('': <output_dir>/G_model.ckpt)"),
         "overwrite": (False, "replace MNIST files in <dataset_dir> that `dataset` did not write itself"),
     },
 }
@@ -2087,35 +2090,10 @@ COMMANDS = {"train": "train the DCGAN (the default command)",
             "dataset": "write a labeled fake MNIST in MNIST's own files"}
 
 
-def command_help(command):
-    """--help of a command: what it does, its own options with their defaults, then where the rest are."""
-    lines = [f"python {os.path.basename(__file__)} {command} [--option=value ...]: {COMMANDS[command]}", "",
-             "Options:"]
-    for name, (spec, meaning) in COMMAND_OPTIONS[command].items():
-        default = spec[0] if isinstance(spec, tuple) else spec
-        lines.append(f"  {f'--{name}={default!r}':<36} {meaning}")
-    lines += ["", "The training hyperparameters apply too where they matter (--output_dir, --data_dir, --noise_dim,",
-              "--seed, --device, --cache_dir, --dataset_noise, ...): python dcgan_mnist.py --help lists them all."]
-    return "\n".join(lines)
-
-
-def parse_options(command, options, cfg):
-    """The command's own options, typed and checked (one line and exit 2 for a bad one)."""
-    opts = {}
-    for name, (spec, _) in COMMAND_OPTIONS[command].items():
-        text = options.get(name)
-        if isinstance(spec, tuple):  # a whole number in [low, high]
-            default, low, high = spec
-            value = int(text) if text is not None and re.fullmatch(r"\d+", text) else None
-            if text is not None and (value is None or value < low or (high is not None and value > high)):
-                die(f"--{name}={text} must be a whole number from {low}" + (f" to {high}" if high else " up"), 2)
-            opts[name] = default if text is None else value
-        elif isinstance(spec, bool):  # a bare --interpolate means True
-            opts[name] = spec if text is None else parse_value(text or "true", spec)
-            if opts[name] is None:
-                die(f"--{name}={text} must be True or False", 2)
-        else:
-            opts[name] = text or spec
+def command_options(command, options, cfg):
+    """The command's own options, with their defaults where not given; folders checked before any work."""
+    opts = {name: options.get(name, spec[0] if isinstance(spec, tuple) else spec)
+            for name, (spec, _) in COMMAND_OPTIONS[command].items()}
     if "ckpt" in opts and not opts["ckpt"]:
         opts["ckpt"] = os.path.join(cfg["output_dir"], "G_model.ckpt")
     if command == "dataset" and not opts["dataset_dir"]:
@@ -2132,10 +2110,7 @@ def main(argv):
         command, args = argv[0], argv[1:]
     if command not in COMMAND_OPTIONS:
         die(f"unknown command {command!r}; use train (the default), sample, evaluate or dataset", 2)
-    if command != "train" and ("-h" in args or "--help" in args):
-        print(command_help(command))
-        sys.exit(0)
-    cfg, given, options = parse_args(args, COMMAND_OPTIONS[command])
+    cfg, given, options = parse_args(args, COMMAND_OPTIONS[command], command)
     validate(cfg)
     device = pick_device(cfg["device"])  # a GPU's own defaults, where the command line is silent (GPU_DEFAULTS)
     cfg.update({k: v for k, v in machine_defaults(device.type, capability(device)).items() if k not in given})
@@ -2149,7 +2124,7 @@ def main(argv):
         with output_folder_lock(cfg["output_dir"]):
             train(cfg, given)
         return
-    opts = parse_options(command, options, cfg)
+    opts = command_options(command, options, cfg)
     with stop_cleanly_on_signal(command):
         if command == "dataset":
             with output_folder_lock(opts["dataset_dir"], "dataset", "dataset_dir"):
