@@ -9,12 +9,14 @@ DCGAN on MNIST in one script: train a generator of handwritten digits, watch it 
     python dcgan_mnist.py dataset --n=60000 --dataset_dir=fake_mnist   # a labeled fake MNIST, MNIST's files
     python dcgan_mnist.py --help                 # every hyperparameter with its default
 
-Sections, in reading order. A first read: the [DCGAN] ones, 1-6, are the algorithm; 7-10 can be skipped.
-   1. [DCGAN] hyperparameters                    6. [DCGAN] the training loop (train_one_epoch, train)
-   2. [DCGAN] seeding and device                 7. [measuring] the quality judge (FID, score, digits)
-   3. [DCGAN] data                               8. [files and safety] checkpoints, grids, plots
-   4. [DCGAN] models (Discriminator, Generator)  9. [using G] sampling, evaluation, the fake dataset
-   5. [DCGAN] training steps (D_train, G_train) 10. [command line] options, validation and main
+Sections, in reading order. A first read: the [DCGAN] ones, 1-6, are the algorithm, ending with the training
+loop (about 540 lines); 7-11 can be skipped.
+   1. [DCGAN] hyperparameters                    7. [bookkeeping] what the loop calls: machines, Ctrl-C, printing
+   2. [DCGAN] seeding and device                 8. [measuring] the quality judge (FID, score, digits, copies)
+   3. [DCGAN] data                               9. [files and safety] checkpoints, grids, plots
+   4. [DCGAN] models (Discriminator, Generator) 10. [using G] sampling, evaluation, the fake dataset
+   5. [DCGAN] training steps (D_train, G_train) 11. [command line] options (argparse), validation and main
+   6. [DCGAN] the training loop (train_one_epoch, end_of_epoch, train)
 """
 import argparse
 import ast
@@ -133,69 +135,11 @@ def pick_device(name):
     return torch.device("cpu")
 
 
-def choose_precision(device_type, capability=(0, 0), cpu_bf16=False, amp=True):
-    """(autocast dtype, or None for float32; why), from what the hardware computes natively. Mixed precision
-    halves the convolution work only where the units exist; emulated, it is slower than float32. So: bf16 on
-    GPUs of compute capability >= 8.0 and on CPUs with AVX512-BF16/AMX; float16 on older GPUs (T4, V100: tensor
-    cores for float16, none for bf16), with a gradient scaler; float32 on other CPUs and on Apple GPUs."""
-    if not amp:
-        return None, "float32 (--amp=False)"
-    if device_type == "cuda" and capability >= (8, 0):
-        return torch.bfloat16, "bf16 autocast: this GPU computes bf16 natively"
-    if device_type == "cuda":
-        return torch.float16, "float16 autocast with a gradient scaler: this GPU has no bf16 units"
-    if device_type == "cpu" and cpu_bf16:
-        return torch.bfloat16, "bf16 autocast: this CPU computes bf16 natively (AVX512-BF16 or AMX)"
-    if device_type == "cpu":
-        return None, "float32: this CPU has no bf16 units (it would emulate them, slower)"
-    return None, f"float32 on {device_type}"
-
-
-def capability(device):
-    """A CUDA device's compute capability, e.g. (9, 0) for an H100/H200; (0, 0) for other devices."""
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
-
-
-def machine_defaults(device_type, capability=(0, 0)):
-    """GPU_DEFAULTS where a wider G and D cost little: CUDA GPUs with tensor cores (capability >= 7.0). On an H200
-    a step costs the same 10 ms at any width (launching kernels, not computing, sets its time). For the older ones a
-    FLOP estimate: a T4 (65 TFLOP/s in float16) at a fifth of its peak trains an epoch of the wide recipe (222 GFLOP
-    a batch) in about 10 s. CPUs and Apple GPUs pay for every FLOP (4x the narrow G64/D32's): the narrow defaults."""
-    return GPU_DEFAULTS if device_type == "cuda" and capability >= (7, 0) else {}
-
-
-def precision(device, amp=True):
-    """choose_precision() for this machine's `device`."""
-    cpu_bf16 = any(getattr(torch.cpu, f, lambda: False)()  # these checks exist since torch 2.3; older: float32
-                   for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return choose_precision(device.type, capability(device), cpu_bf16, amp)
-
-
 def autocast(device_type, dtype):
     """Mixed precision in dtype (bf16 or float16); None: plain float32. On CUDA without autocast's cache of
     cast weights: a recorded CUDA graph must cast them on every replay (CUDA_GRAPHS)."""
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype,
                                                                          cache_enabled=device_type != "cuda")
-
-
-def backward_and_step(loss, optimizer, scaler=None):
-    """loss.backward() and optimizer.step(). In float16, the GradScaler multiplies the loss so that small
-    gradients do not underflow to 0, divides them back before the step, and skips steps whose gradients
-    overflowed (its scale adapts). bf16 has float32's range and needs none."""
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-        return
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-
-
-def use_channels_last(device, channels_last, compile=False):
-    """NHWC is oneDNN's and the tensor cores' native layout. Not on Apple GPUs: channels_last with
-    BatchNorm gives wrong results and wrong gradients on MPS (pytorch/pytorch #134580, #175189). Nor compiled
-    on CUDA: inductor's stride check fails in ConvTranspose2d's backward there (pytorch/pytorch#171622)."""
-    return channels_last and device.type in ("cpu", "cuda") and not (compile and device.type == "cuda")
 
 
 # -----------------------------------------------------------------------------
@@ -225,31 +169,12 @@ def load_mnist(data_dir):
     return MNIST(splits[0].data, splits[0].targets, splits[1].data, splits[1].targets)
 
 
-def mnist_files_present(data_dir):
-    raw = os.path.join(os.path.expanduser(data_dir), "MNIST", "raw")
-    return all(os.path.isfile(os.path.join(raw, f)) for f in RAW_FILES)
-
-
-def idx_file_problem(path):
-    """What is wrong with an MNIST IDX file (header, then its size), or None. Images: magic 2051, count,
-    rows, cols, then count*rows*cols bytes; labels: magic 2049, count, then count bytes (big-endian)."""
-    is_images = "images" in os.path.basename(path)
-    with open(path, "rb") as f:
-        header = f.read(16 if is_images else 8)
-    fields = [int.from_bytes(header[i:i + 4], "big") for i in range(0, len(header) - 3, 4)]
-    magic = 2051 if is_images else 2049
-    if len(fields) < (4 if is_images else 2) or fields[0] != magic:
-        return f"wrong header (expected the IDX magic number {magic}, found {fields[0] if fields else 'nothing'})"
-    expected = len(header) + math.prod(fields[1:])
-    found = os.path.getsize(path)
-    if found != expected:
-        return f"wrong size (its header says {fields[1]:,} items: expected {expected:,} bytes, found {found:,})"
-    return None
-
-
 def to_float(images):
     """uint8 (N, 28, 28) -> float (N, 1, 28, 28) in [-1, 1]: ToTensor() + Normalize((0.5,), (0.5,))."""
     return images.unsqueeze(1).float().div(127.5).sub(1.0)
+
+
+Data = namedtuple("Data", "images labels")  # what we train on: uint8 (N, 28, 28) and digits (N,)
 
 
 # -----------------------------------------------------------------------------
@@ -473,13 +398,8 @@ def refresh_bn_stats(G_ema, noise_dim, device, seed, batches=8, batch_size=256):
     G_ema.eval()
 
 
-def balanced_labels(n, device="cpu", start=0):
-    """0, 1, ..., 9, 0, 1, ...: each digit n/10 times (+-1). start: the labels from position start on."""
-    return (torch.arange(start, start + n) % N_CLASSES).to(device)
-
-
 # -----------------------------------------------------------------------------
-# 6. [DCGAN] The training loop: train_one_epoch and train are the loop; the rest is its bookkeeping
+# 6. [DCGAN] The training loop: train_one_epoch (the batches), end_of_epoch (FID, early stopping, checkpoints), train
 TRACKED = ("d_loss", "g_loss", "d_x", "d_g_z")  # per-batch values averaged over each epoch
 QUALITY_KEYS = ("fid", "score", "min_share", "max_share", "confidence", "label_accuracy")  # see quality()
 METRICS_COLUMNS = ("epoch", *TRACKED, *QUALITY_KEYS, "seconds")  # the history of each epoch, and metrics.csv
@@ -499,22 +419,6 @@ class TrainState:
     elapsed: float = 0.0       # seconds of training so far, earlier runs of a resumed one included
     grids: list = field(default_factory=list)  # the sample grids written, for progress.gif
     history: dict = field(default_factory=lambda: {k: [] for k in METRICS_COLUMNS})  # per epoch (metrics.csv)
-
-
-STOP = {"signal": None}  # set by the first Ctrl-C / SIGTERM; the loop stops after the current batch
-
-
-def quit_at_once(signum, frame):
-    """A second Ctrl-C / SIGTERM: leave at once, touching no file."""
-    os._exit(128 + signum)
-
-
-def handle_stop_signal(signum, frame):
-    if STOP["signal"] is not None:
-        quit_at_once(signum, frame)
-    STOP["signal"] = signum
-    print("\nStopping after this batch and saving last.ckpt (press Ctrl-C again to quit at once) ...",
-          file=sys.stderr, flush=True)
 
 
 def train_one_epoch(data, gan, state, cfg, amp, n_batches, on_timed=None):
@@ -555,47 +459,6 @@ def train_one_epoch(data, gan, state, cfg, amp, n_batches, on_timed=None):
     return state.next_batch >= n_batches  # False: a signal stopped us inside the epoch
 
 
-def training_step(gan, cfg, amp, device):
-    """train_step for this run's models. On CUDA (CUDA_GRAPHS) recorded once as a CUDA graph and replayed: a step is
-    ~200 small kernels, and launching them one by one costs more than running them (10 ms a batch at any width on
-    an H200); a replay launches them all at once. Not with float16's GradScalers (they read the gradients on the
-    CPU) nor with COMPILE."""
-    step = functools.partial(train_step, gan, cfg, amp)  # step(real, labels, ema_d)
-    if device.type == "cuda" and cfg["cuda_graphs"] and gan.G_scaler is None and not cfg["compile"]:
-        return cuda_graphed(step)
-    return step
-
-
-def cuda_graphed(step, warmup=3):
-    """step(real, labels, ema_d), run `warmup` times as it is (on a side stream, as torch.cuda.graph asks: Adam
-    creates its state), then recorded once on fixed input tensors (torch.cuda.graph) and from then on replayed
-    with each batch copied into them. A batch of another size (an epoch's last) runs as it is."""
-    graph, inputs, output, calls = None, None, None, 0
-
-    def run(real, labels, ema_d):
-        nonlocal graph, inputs, output, calls
-        calls += 1
-        if graph is None and calls > warmup:  # record: the kernels are captured, not run
-            inputs = (real.clone(), None if labels is None else labels.clone(), torch.tensor(ema_d, device=real.device))
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                output = step(*inputs)
-        if graph is None or real.shape != inputs[0].shape:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                result = step(real, labels, ema_d)
-            torch.cuda.current_stream().wait_stream(side)
-            return result
-        inputs[0].copy_(real)
-        if labels is not None:
-            inputs[1].copy_(labels)
-        inputs[2].fill_(ema_d)
-        graph.replay()
-        return output
-    return run
-
-
 def end_of_epoch(state, gan, cfg, judging, n_batches, out):
     """Epoch means, quality of the averaged G (FID when it is due), and the best checkpoints."""
     history = state.history
@@ -623,19 +486,6 @@ def end_of_epoch(state, gan, cfg, judging, n_batches, out):
     return metrics
 
 
-def measure(G, cfg, judging, device):
-    """quality() of G, averaged over EVAL_DRAWS draws of EVAL_SAMPLES digits each. The FID of one draw of
-    10,000 digits moves by 3-10% between draws (docs/results.md), as much as G gains in its last epochs:
-    G_model.ckpt and early stopping follow the mean, whose noise is smaller by sqrt(EVAL_DRAWS)."""
-    asked = balanced_labels(cfg["eval_samples"]) if cfg["conditional"] else None
-    gen = rng(cfg["seed"] + SEED_OFFSET_EVAL)  # one stream for all draws: the first is the same every epoch
-    draws = []
-    for _ in range(cfg["eval_draws"]):
-        fakes = generate(G, cfg["eval_samples"], cfg["noise_dim"], device, seed=gen, labels=asked)
-        draws.append(quality(*judge_outputs(judging.judge, fakes, device), judging.ref_stats, asked))
-    return {k: float(np.mean([d[k] for d in draws])) for k in draws[0]}
-
-
 def improved(value, best, bad_epochs, epochs_since_last=1, min_delta=0.0):
     """Early-stopping bookkeeping: (keep this epoch's G as G_model.ckpt, the value of the last improvement,
     epochs without improvement). epochs_since_last: the epochs since the value was last measured (FID:
@@ -648,65 +498,181 @@ def improved(value, best, bad_epochs, epochs_since_last=1, min_delta=0.0):
     return value < best * (1 + min_delta), best, bad_epochs + epochs_since_last
 
 
-def epoch_line(state, cfg, metrics, judging, seconds):
-    h = state.history
-    line = (f"Epoch [{state.epoch}/{cfg['epochs']}]  D_loss: {h['d_loss'][-1]:.4f}  G_loss: {h['g_loss'][-1]:.4f}"
-            f"  D(x): {h['d_x'][-1]:.2f}  D(G(z)): {h['d_g_z'][-1]:.2f}")
-    if metrics:
-        line += (f"  FID: {metrics['fid']:.2f} (real data: {judging.floor['fid']:.2f})  score: {metrics['score']:.2f}"
-                 f"  digits: {metrics['min_share']:.1%}-{metrics['max_share']:.1%}")
-        if cfg["conditional"]:  # how often the judge reads the digit G was asked for
-            line += f"  labels: {metrics['label_accuracy']:.1%}"
-    return line + f"  ({seconds:.0f}s)"
+def train(cfg, given=()):
+    """Train until EPOCHS, early stopping, MAX_MINUTES or Ctrl-C; save everything on the way."""
+    cfg, given, saved = settings_to_train(cfg, given)  # --resume: the saved run's, with what was changed now
+    out, device = cfg["output_dir"], pick_device(cfg["device"])
+    amp = say_machine(device, cfg, given)  # the device, its precision (autocast dtype or None) and defaults
+    data, judging, gan, fixed_noise, state = setup_training(cfg, given, saved, device)
+    fid = fid_seconds(gan.G_ema, cfg, judging, device)  # what each epoch's FID adds to it (the forecast)
+    if device.type == "cuda" and amp == torch.bfloat16:
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls left (cuDNN convs use it already)
+    start_time = time.time() - state.elapsed  # the time budget counts the earlier part of a resumed run
+    n_batches = math.ceil(len(data.images) / cfg["batch_size"])
+    n_batches = min(n_batches, cfg["max_batches"] or n_batches)
+    reason = resume_notice(state, cfg, n_batches)
+    first_epoch = state.epoch
+    with stop_after_the_batch():  # Ctrl-C or SIGTERM: finish the batch, save, and say how to resume
+        while reason is None and not STOP["signal"]:
+            epoch_start = time.time()
+            on_timed = None if state.epoch > first_epoch else (  # the forecast, in the first epoch this run trains
+                lambda spb: forecast(spb, state, cfg, n_batches, time.time() - start_time, fid))
+            if not train_one_epoch(data, gan, state, cfg, amp, n_batches, on_timed):
+                break  # Ctrl-C inside the epoch: last.ckpt continues from the next batch
+            metrics = end_of_epoch(state, gan, cfg, judging, n_batches, out)
+            seconds = time.time() - epoch_start
+            state.history["seconds"].append(seconds)
+            save_metrics(state.history, os.path.join(out, "metrics.csv"))
+            reason = stop_reason(state, cfg, time.time() - start_time, seconds)
+            if state.epoch % cfg["sample_every"] == 0 or reason:
+                save_grid(draw_fixed(gan.G_ema, fixed_noise), os.path.join(out, f"samples_epoch_{state.epoch:03d}.png"),
+                          nrow=grid_size(cfg["conditional"]))
+                state.grids.append(f"samples_epoch_{state.epoch:03d}.png")
+            print(epoch_line(state, cfg, metrics, judging, seconds), flush=True)
+            state.epoch, state.next_batch, state.perm, state.sums = state.epoch + 1, 0, None, [0.0] * len(TRACKED)
+            state.elapsed = time.time() - start_time
+            save_training_state(os.path.join(out, "last.ckpt"), gan, fixed_noise, state, cfg, given)
+    if STOP["signal"]:  # saves last.ckpt, says how to continue, exits 130 (143 for SIGTERM)
+        interrupted(state, gan, fixed_noise, cfg, given, start_time)
+    finish(state, gan, cfg, judging, reason, data, fixed_noise, start_time)
+    return state.history
 
 
-def stop_reason(state, cfg, seconds_so_far, epoch_seconds):
-    """None to go on; else why this epoch is the last."""
-    if state.bad_epochs >= cfg["early_stopping"]:
-        return "early stopping"
-    if state.epoch >= cfg["epochs"]:
-        return "epochs"
-    if cfg["max_minutes"] and seconds_so_far + epoch_seconds > cfg["max_minutes"] * 60:
-        return "time budget"
+# -----------------------------------------------------------------------------
+# 7. [bookkeeping] What the loop calls that a first read can skip: the precision and defaults each machine gets,
+# setting a run up and saying what to expect, Ctrl-C, the CUDA graph, what each epoch prints and why training stops.
+def choose_precision(device_type, capability=(0, 0), cpu_bf16=False, amp=True):
+    """(autocast dtype, or None for float32; why), from what the hardware computes natively. Mixed precision
+    halves the convolution work only where the units exist; emulated, it is slower than float32. So: bf16 on
+    GPUs of compute capability >= 8.0 and on CPUs with AVX512-BF16/AMX; float16 on older GPUs (T4, V100: tensor
+    cores for float16, none for bf16), with a gradient scaler; float32 on other CPUs and on Apple GPUs."""
+    if not amp:
+        return None, "float32 (--amp=False)"
+    if device_type == "cuda" and capability >= (8, 0):
+        return torch.bfloat16, "bf16 autocast: this GPU computes bf16 natively"
+    if device_type == "cuda":
+        return torch.float16, "float16 autocast with a gradient scaler: this GPU has no bf16 units"
+    if device_type == "cpu" and cpu_bf16:
+        return torch.bfloat16, "bf16 autocast: this CPU computes bf16 natively (AVX512-BF16 or AMX)"
+    if device_type == "cpu":
+        return None, "float32: this CPU has no bf16 units (it would emulate them, slower)"
+    return None, f"float32 on {device_type}"
+
+
+def precision(device, amp=True):
+    """choose_precision() for this machine's `device`."""
+    cpu_bf16 = any(getattr(torch.cpu, f, lambda: False)()  # these checks exist since torch 2.3; older: float32
+                   for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return choose_precision(device.type, capability(device), cpu_bf16, amp)
+
+
+def capability(device):
+    """A CUDA device's compute capability, e.g. (9, 0) for an H100/H200; (0, 0) for other devices."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
+def machine_defaults(device_type, capability=(0, 0)):
+    """GPU_DEFAULTS where a wider G and D cost little: CUDA GPUs with tensor cores (capability >= 7.0). On an H200
+    a step costs the same 10 ms at any width (launching kernels, not computing, sets its time). For the older ones a
+    FLOP estimate: a T4 (65 TFLOP/s in float16) at a fifth of its peak trains an epoch of the wide recipe (222 GFLOP
+    a batch) in about 10 s. CPUs and Apple GPUs pay for every FLOP (4x the narrow G64/D32's): the narrow defaults."""
+    return GPU_DEFAULTS if device_type == "cuda" and capability >= (7, 0) else {}
+
+
+def say_machine_defaults(device, given, conditional):
+    """Name the defaults this machine class changed (GPU_DEFAULTS), where the command line was silent."""
+    changed = {k: v for k, v in machine_defaults(device.type, capability(device)).items() if k not in given}
+    cpu = {"ngf": NGF, "ndf": NDF, "epochs": EPOCHS, **(CONDITIONAL_DEFAULTS if conditional else {})}
+    if changed:
+        print(f"GPU defaults: {', '.join(f'{k}={v}' for k, v in changed.items())}: on a GPU a wider G and D cost no "
+              f"time (a CPU's: {', '.join(f'{k}={cpu[k]}' for k in changed)}; --name=value chooses)", flush=True)
+
+
+def backward_and_step(loss, optimizer, scaler=None):
+    """loss.backward() and optimizer.step(). In float16, the GradScaler multiplies the loss so that small
+    gradients do not underflow to 0, divides them back before the step, and skips steps whose gradients
+    overflowed (its scale adapts). bf16 has float32's range and needs none."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def use_channels_last(device, channels_last, compile=False):
+    """NHWC is oneDNN's and the tensor cores' native layout. Not on Apple GPUs: channels_last with
+    BatchNorm gives wrong results and wrong gradients on MPS (pytorch/pytorch #134580, #175189). Nor compiled
+    on CUDA: inductor's stride check fails in ConvTranspose2d's backward there (pytorch/pytorch#171622)."""
+    return channels_last and device.type in ("cpu", "cuda") and not (compile and device.type == "cuda")
+
+
+def mnist_files_present(data_dir):
+    raw = os.path.join(os.path.expanduser(data_dir), "MNIST", "raw")
+    return all(os.path.isfile(os.path.join(raw, f)) for f in RAW_FILES)
+
+
+def idx_file_problem(path):
+    """What is wrong with an MNIST IDX file (header, then its size), or None. Images: magic 2051, count,
+    rows, cols, then count*rows*cols bytes; labels: magic 2049, count, then count bytes (big-endian)."""
+    is_images = "images" in os.path.basename(path)
+    with open(path, "rb") as f:
+        header = f.read(16 if is_images else 8)
+    fields = [int.from_bytes(header[i:i + 4], "big") for i in range(0, len(header) - 3, 4)]
+    magic = 2051 if is_images else 2049
+    if len(fields) < (4 if is_images else 2) or fields[0] != magic:
+        return f"wrong header (expected the IDX magic number {magic}, found {fields[0] if fields else 'nothing'})"
+    expected = len(header) + math.prod(fields[1:])
+    found = os.path.getsize(path)
+    if found != expected:
+        return f"wrong size (its header says {fields[1]:,} items: expected {expected:,} bytes, found {found:,})"
     return None
 
 
-Judging = namedtuple("Judging", "every select_by judge ref_stats floor")
+def settings_to_train(cfg, given):
+    """(settings, names given, the saved training state or None). --resume: last.ckpt, checked before any work;
+    its settings, with what this command line changes; what the first run was told counts as told."""
+    if not cfg["resume"]:
+        return cfg, given, None
+    saved = read_training_state(os.path.join(cfg["output_dir"], "last.ckpt"))
+    return resume_settings(cfg, given, saved["config"]), set(given) | set(saved["given"]), saved
 
 
-def plan_evaluation(cfg, given, mnist, device):
-    """FID every EVAL_EVERY epochs, except in smoke runs (MAX_BATCHES > 0) unless --eval_every is given.
-    Without FID, SELECT_BY can only be the loss. Either rule is announced once."""
-    every = cfg["eval_every"] if (cfg["max_batches"] == 0 or "eval_every" in given) else 0
-    if cfg["eval_every"] and not every:
-        print("Smoke run (--max_batches > 0): FID is skipped (pass --eval_every=1 to measure it)")
-    select_by = cfg["select_by"] if every else "g_loss"
-    if select_by != cfg["select_by"]:
-        print("Without FID, G_model.ckpt and early stopping follow g_loss (--select_by=fid needs FID)")
-    if not every:
-        return Judging(0, select_by, None, None, None)
-    judge = get_judge(cfg["cache_dir"], mnist, device)
-    return Judging(every, select_by, judge, *reference_stats(judge, mnist, device))
+def say_machine(device, cfg, given):
+    """Print the device and its precision (and, on a new run, a GPU's defaults); returns the autocast dtype."""
+    amp, why = precision(device, cfg["amp"])
+    print(f"Device: {device}; {why}", flush=True)
+    if not cfg["resume"]:
+        say_machine_defaults(device, given, cfg["conditional"])
+    return amp
 
 
-Data = namedtuple("Data", "images labels")  # what we train on: uint8 (N, 28, 28) and digits (N,)
+@contextlib.contextmanager
+def stop_after_the_batch():
+    """Explicit handlers for Ctrl-C and SIGTERM: a background process may start with SIGINT ignored, and SIGTERM
+    never raises KeyboardInterrupt. Either way the loop finishes its batch, saves, and says how to resume."""
+    STOP["signal"] = None
+    old_handlers = [signal.signal(s, handle_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        yield
+    finally:
+        for s, h in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
+            signal.signal(s, h)
 
 
-def grid_size(conditional):
-    """Progress grids are 8x8; a conditional G's are 10x10, row r = digit r."""
-    return N_CLASSES if conditional else 8
-
-
-def draw_fixed(G, fixed_noise):
-    """The progress grid's images: the fixed noise, and for a conditional G the digits row by row."""
-    n = len(fixed_noise)
-    labels = torch.arange(n) // grid_size(True) if G.n_classes else None
-    return generate(G, n, fixed_noise.shape[1], next(G.parameters()).device, seed=0, labels=labels,
-                    noise=fixed_noise)
+def interrupted(state, gan, fixed_noise, cfg, given, start_time):
+    """After a Ctrl-C: save the training state, print the command that continues, exit 128 + the signal."""
+    state.elapsed = time.time() - start_time
+    last = os.path.join(cfg["output_dir"], "last.ckpt")
+    save_training_state(last, gan, fixed_noise, state, cfg, given)
+    print(f"Interrupted; the training state is in {last}. Continue with:\n  {resume_command(sys.argv)}", flush=True)
+    sys.exit(128 + STOP["signal"])
 
 
 def setup_training(cfg, given, saved, device):
     """Everything train() needs, from scratch or from a read_training_state()."""
+    os.makedirs(cfg["output_dir"], exist_ok=True)
     last = os.path.join(cfg["output_dir"], "last.ckpt")
     mnist = load_mnist(cfg["data_dir"])
     if cfg["merge_test"]:  # the tutorial's 70,000 digits (uint8, kept on the device)
@@ -725,6 +691,24 @@ def setup_training(cfg, given, saved, device):
         print(f"Resuming from {last} at epoch {state.epoch}"
               + (f", batch {state.next_batch}" if state.next_batch else ""))
     return data, judging, gan, fixed_noise, state
+
+
+def plan_evaluation(cfg, given, mnist, device):
+    """FID every EVAL_EVERY epochs, except in smoke runs (MAX_BATCHES > 0) unless --eval_every is given.
+    Without FID, SELECT_BY can only be the loss. Either rule is announced once."""
+    every = cfg["eval_every"] if (cfg["max_batches"] == 0 or "eval_every" in given) else 0
+    if cfg["eval_every"] and not every:
+        print("Smoke run (--max_batches > 0): FID is skipped (pass --eval_every=1 to measure it)")
+    select_by = cfg["select_by"] if every else "g_loss"
+    if select_by != cfg["select_by"]:
+        print("Without FID, G_model.ckpt and early stopping follow g_loss (--select_by=fid needs FID)")
+    if not every:
+        return Judging(0, select_by, None, None, None)
+    judge = get_judge(cfg["cache_dir"], mnist, device)
+    return Judging(every, select_by, judge, *reference_stats(judge, mnist, device))
+
+
+Judging = namedtuple("Judging", "every select_by judge ref_stats floor")
 
 
 def fid_seconds(G, cfg, judging, device):
@@ -771,78 +755,115 @@ def resume_notice(state, cfg, n_batches):
     return None
 
 
-def train(cfg, given=()):
-    """Train until EPOCHS, early stopping, MAX_MINUTES or Ctrl-C; save everything on the way."""
-    saved = None
-    if cfg["resume"]:  # checked before any work: the saved run's settings, with what was changed now
-        saved = read_training_state(os.path.join(cfg["output_dir"], "last.ckpt"))
-        cfg = resume_settings(cfg, given, saved["config"])
-        given = set(given) | set(saved["given"])  # what the first run was told counts as told (e.g. --eval_every)
-    out, device = cfg["output_dir"], pick_device(cfg["device"])
-    amp, why = precision(device, cfg["amp"])
-    print(f"Device: {device}; {why}", flush=True)
-    if not cfg["resume"]:
-        say_machine_defaults(device, given, cfg["conditional"])
-    os.makedirs(out, exist_ok=True)
-    data, judging, gan, fixed_noise, state = setup_training(cfg, given, saved, device)
-    fid = fid_seconds(gan.G_ema, cfg, judging, device)
-    if device.type == "cuda" and amp == torch.bfloat16:
-        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls left (cuDNN convs use it already)
-    start_time = time.time() - state.elapsed  # the time budget counts the earlier part of a resumed run
-    n_batches = math.ceil(len(data.images) / cfg["batch_size"])
-    n_batches = min(n_batches, cfg["max_batches"] or n_batches)
-    STOP["signal"] = None
-    # Explicit handlers: a background process may start with SIGINT ignored, and SIGTERM never
-    # raises KeyboardInterrupt. Either way we finish the batch, save, and say how to resume.
-    old_handlers = [signal.signal(s, handle_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)]
-    reason = resume_notice(state, cfg, n_batches)
-    first_epoch = state.epoch
-    try:
-        while reason is None and not STOP["signal"]:
-            epoch_start = time.time()
-            on_timed = None if state.epoch > first_epoch else (  # the forecast, in the first epoch this run trains
-                lambda spb: forecast(spb, state, cfg, n_batches, time.time() - start_time, fid))
-            if not train_one_epoch(data, gan, state, cfg, amp, n_batches, on_timed):
-                break  # Ctrl-C inside the epoch: last.ckpt continues from the next batch
-            metrics = end_of_epoch(state, gan, cfg, judging, n_batches, out)
-            seconds = time.time() - epoch_start
-            state.history["seconds"].append(seconds)
-            save_metrics(state.history, os.path.join(out, "metrics.csv"))
-            reason = stop_reason(state, cfg, time.time() - start_time, seconds)
-            if state.epoch % cfg["sample_every"] == 0 or reason:
-                save_grid(draw_fixed(gan.G_ema, fixed_noise), os.path.join(out, f"samples_epoch_{state.epoch:03d}.png"),
-                          nrow=grid_size(cfg["conditional"]))
-                state.grids.append(f"samples_epoch_{state.epoch:03d}.png")
-            print(epoch_line(state, cfg, metrics, judging, seconds), flush=True)
-            state.epoch, state.next_batch, state.perm, state.sums = state.epoch + 1, 0, None, [0.0] * len(TRACKED)
-            state.elapsed = time.time() - start_time
-            save_training_state(os.path.join(out, "last.ckpt"), gan, fixed_noise, state, cfg, given)
-    finally:
-        for s, h in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
-            signal.signal(s, h)
-    if STOP["signal"]:
-        state.elapsed = time.time() - start_time
-        save_training_state(os.path.join(out, "last.ckpt"), gan, fixed_noise, state, cfg, given)
-        print(f"Interrupted; the training state is in {os.path.join(out, 'last.ckpt')}. Continue with:\n"
-              f"  {resume_command(sys.argv)}", flush=True)
-        sys.exit(128 + STOP["signal"])
-    finish(state, gan, cfg, judging, reason, data, fixed_noise, start_time)
-    return state.history
+STOP = {"signal": None}  # set by the first Ctrl-C / SIGTERM; the loop stops after the current batch
 
 
-def say_machine_defaults(device, given, conditional):
-    """Name the defaults this machine class changed (GPU_DEFAULTS), where the command line was silent."""
-    changed = {k: v for k, v in machine_defaults(device.type, capability(device)).items() if k not in given}
-    cpu = {"ngf": NGF, "ndf": NDF, "epochs": EPOCHS, **(CONDITIONAL_DEFAULTS if conditional else {})}
-    if changed:
-        print(f"GPU defaults: {', '.join(f'{k}={v}' for k, v in changed.items())}: on a GPU a wider G and D cost no "
-              f"time (a CPU's: {', '.join(f'{k}={cpu[k]}' for k in changed)}; --name=value chooses)", flush=True)
+def quit_at_once(signum, frame):
+    """A second Ctrl-C / SIGTERM: leave at once, touching no file."""
+    os._exit(128 + signum)
 
 
-def resume_command(argv):
-    """The command line that continues this run: the same options, with one --resume=True at the end."""
-    args = [a for a in argv[1:] if not re.fullmatch(r"--resume(=.*)?", a)]
-    return shlex.join(["python", os.path.basename(argv[0] or "dcgan_mnist.py"), *args, "--resume=True"])
+def handle_stop_signal(signum, frame):
+    if STOP["signal"] is not None:
+        quit_at_once(signum, frame)
+    STOP["signal"] = signum
+    print("\nStopping after this batch and saving last.ckpt (press Ctrl-C again to quit at once) ...",
+          file=sys.stderr, flush=True)
+
+
+def training_step(gan, cfg, amp, device):
+    """train_step for this run's models. On CUDA (CUDA_GRAPHS) recorded once as a CUDA graph and replayed: a step is
+    ~200 small kernels, and launching them one by one costs more than running them (10 ms a batch at any width on
+    an H200); a replay launches them all at once. Not with float16's GradScalers (they read the gradients on the
+    CPU) nor with COMPILE."""
+    step = functools.partial(train_step, gan, cfg, amp)  # step(real, labels, ema_d)
+    if device.type == "cuda" and cfg["cuda_graphs"] and gan.G_scaler is None and not cfg["compile"]:
+        return cuda_graphed(step)
+    return step
+
+
+def cuda_graphed(step, warmup=3):
+    """step(real, labels, ema_d), run `warmup` times as it is (on a side stream, as torch.cuda.graph asks: Adam
+    creates its state), then recorded once on fixed input tensors (torch.cuda.graph) and from then on replayed
+    with each batch copied into them. A batch of another size (an epoch's last) runs as it is."""
+    graph, inputs, output, calls = None, None, None, 0
+
+    def run(real, labels, ema_d):
+        nonlocal graph, inputs, output, calls
+        calls += 1
+        if graph is None and calls > warmup:  # record: the kernels are captured, not run
+            inputs = (real.clone(), None if labels is None else labels.clone(), torch.tensor(ema_d, device=real.device))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = step(*inputs)
+        if graph is None or real.shape != inputs[0].shape:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                result = step(real, labels, ema_d)
+            torch.cuda.current_stream().wait_stream(side)
+            return result
+        inputs[0].copy_(real)
+        if labels is not None:
+            inputs[1].copy_(labels)
+        inputs[2].fill_(ema_d)
+        graph.replay()
+        return output
+    return run
+
+
+def measure(G, cfg, judging, device):
+    """quality() of G, averaged over EVAL_DRAWS draws of EVAL_SAMPLES digits each. The FID of one draw of
+    10,000 digits moves by 3-10% between draws (docs/results.md), as much as G gains in its last epochs:
+    G_model.ckpt and early stopping follow the mean, whose noise is smaller by sqrt(EVAL_DRAWS)."""
+    asked = balanced_labels(cfg["eval_samples"]) if cfg["conditional"] else None
+    gen = rng(cfg["seed"] + SEED_OFFSET_EVAL)  # one stream for all draws: the first is the same every epoch
+    draws = []
+    for _ in range(cfg["eval_draws"]):
+        fakes = generate(G, cfg["eval_samples"], cfg["noise_dim"], device, seed=gen, labels=asked)
+        draws.append(quality(*judge_outputs(judging.judge, fakes, device), judging.ref_stats, asked))
+    return {k: float(np.mean([d[k] for d in draws])) for k in draws[0]}
+
+
+def epoch_line(state, cfg, metrics, judging, seconds):
+    h = state.history
+    line = (f"Epoch [{state.epoch}/{cfg['epochs']}]  D_loss: {h['d_loss'][-1]:.4f}  G_loss: {h['g_loss'][-1]:.4f}"
+            f"  D(x): {h['d_x'][-1]:.2f}  D(G(z)): {h['d_g_z'][-1]:.2f}")
+    if metrics:
+        line += (f"  FID: {metrics['fid']:.2f} (real data: {judging.floor['fid']:.2f})  score: {metrics['score']:.2f}"
+                 f"  digits: {metrics['min_share']:.1%}-{metrics['max_share']:.1%}")
+        if cfg["conditional"]:  # how often the judge reads the digit G was asked for
+            line += f"  labels: {metrics['label_accuracy']:.1%}"
+    return line + f"  ({seconds:.0f}s)"
+
+
+def stop_reason(state, cfg, seconds_so_far, epoch_seconds):
+    """None to go on; else why this epoch is the last."""
+    if state.bad_epochs >= cfg["early_stopping"]:
+        return "early stopping"
+    if state.epoch >= cfg["epochs"]:
+        return "epochs"
+    if cfg["max_minutes"] and seconds_so_far + epoch_seconds > cfg["max_minutes"] * 60:
+        return "time budget"
+    return None
+
+
+def grid_size(conditional):
+    """Progress grids are 8x8; a conditional G's are 10x10, row r = digit r."""
+    return N_CLASSES if conditional else 8
+
+
+def balanced_labels(n, device="cpu", start=0):
+    """0, 1, ..., 9, 0, 1, ...: each digit n/10 times (+-1). start: the labels from position start on."""
+    return (torch.arange(start, start + n) % N_CLASSES).to(device)
+
+
+def draw_fixed(G, fixed_noise):
+    """The progress grid's images: the fixed noise, and for a conditional G the digits row by row."""
+    n = len(fixed_noise)
+    labels = torch.arange(n) // grid_size(True) if G.n_classes else None
+    return generate(G, n, fixed_noise.shape[1], next(G.parameters()).device, seed=0, labels=labels,
+                    noise=fixed_noise)
 
 
 def finish(state, gan, cfg, judging, reason, data, fixed_noise, start_time):
@@ -863,8 +884,14 @@ def finish(state, gan, cfg, judging, reason, data, fixed_noise, start_time):
     print(f"Done in {(time.time() - start_time) / 60:.1f} min. Outputs in {out}/")
 
 
+def resume_command(argv):
+    """The command line that continues this run: the same options, with one --resume=True at the end."""
+    args = [a for a in argv[1:] if not re.fullmatch(r"--resume(=.*)?", a)]
+    return shlex.join(["python", os.path.basename(argv[0] or "dcgan_mnist.py"), *args, "--resume=True"])
+
+
 # -----------------------------------------------------------------------------
-# 7. [measuring] Quality judge: a small LeNet trained on MNIST's training split. Its 128 penultimate features
+# 8. [measuring] Quality judge: a small LeNet trained on MNIST's training split. Its 128 penultimate features
 # give a Frechet distance between generated and real digits ("FID" with a LeNet instead of Inception), its
 # class probabilities give an Inception-style score (max 10) and which digits G draws (mode coverage).
 JUDGE_FILE = "judge_lenet_v1"  # bump the version when the judge changes: FIDs of two judges don't compare
@@ -1205,7 +1232,7 @@ def generate(G, n, noise_dim, device, seed, labels=None, noise=None, noise_std=1
 
 
 # -----------------------------------------------------------------------------
-# 8. [files and safety] Files and pictures. Every checkpoint and image is written to a temporary name, then
+# 9. [files and safety] Files and pictures. Every checkpoint and image is written to a temporary name, then
 # renamed: a crash or Ctrl-C mid-write never leaves a truncated file under the real name (os.replace is atomic).
 def atomic_write(path, write, before_rename=None):
     """write(buffer) serializes into memory; the bytes then go to `path` through atomic_file.
@@ -1468,7 +1495,7 @@ def save_interpolation(G, noise_dim, device, seed, path, rows=10, steps=10):
 
 
 # -----------------------------------------------------------------------------
-# 9. [using G] Sampling (load the generator like any plain state_dict), evaluation and the fake dataset
+# 10. [using G] Sampling (load the generator like any plain state_dict), evaluation and the fake dataset
 CHUNK = 10000  # `dataset` and `sample --png_dir` draw and write this many digits at a time (bounded memory)
 
 
@@ -1850,7 +1877,7 @@ def report_train_on_fake(G, cfg, n_train, mnist, judge, device):
 
 
 # -----------------------------------------------------------------------------
-# 10. [command line] Command line: --name=value overrides a constant above, parsed with that constant's type
+# 11. [command line] Command line: --name=value overrides a constant above, parsed with that constant's type
 def die(message, code):
     """One clear line on stderr and an exit code, no traceback."""
     print(f"error: {message}", file=sys.stderr)
