@@ -28,5 +28,5 @@ def test_readme_lists_the_settings_a_resumed_run_cannot_change():
 
 def test_readme_reaches_the_first_command_early_and_stays_short():
     lines = open(DOCS[0], encoding="utf-8").read().splitlines()
-    assert lines.index("pip install -r requirements.txt") < 15 and len(lines) <= 160
+    assert lines.index("pip install -r requirements.txt") < 15 and len(lines) <= 170
     assert not [l for l in lines if re.search(r"\.\./shared|\bsessions?\b|build machine", l)]
