@@ -1629,7 +1629,7 @@ def write_dataset(cfg, opts):
     check_dataset_target(raw, cfg["data_dir"], opts["dataset_dir"], opts["overwrite"])
     device = pick_device(cfg["device"])
     G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
-    needs_mnist = not G.n_classes or cfg["dataset_filter"] or mnist_files_present(cfg["data_dir"])  # or to measure
+    needs_mnist = not G.n_classes or cfg["dataset_filter"] or (opts["measure"] and mnist_files_present(cfg["data_dir"]))
     mnist = load_mnist(cfg["data_dir"]) if needs_mnist else None
     judge, builder = get_builders(G, cfg, mnist, device)
     os.makedirs(raw, exist_ok=True)
@@ -1643,16 +1643,16 @@ def write_dataset(cfg, opts):
           f"Load with torchvision.datasets.MNIST({opts['dataset_dir']!r}) or --data_dir={opts['dataset_dir']}")
     if tally["drawn"]:
         print(turned_away(tally))
-    if mnist is None:
+    if mnist is None and opts["measure"]:
         print(f"(precision, recall and near-copies not measured: MNIST is not in {cfg['data_dir']})")
-    else:
-        record_fidelity(raw, opts["n"], mnist, judge or get_judge(cfg["cache_dir"], mnist, device), device)
+    elif opts["measure"]:
+        record_fidelity(raw, min(opts["n"], opts["measure"]), mnist, judge or get_judge(cfg["cache_dir"], mnist, device),
+                        device)
 
 
-def record_fidelity(raw, n, mnist, judge, device):
-    """fidelity() of the set as written (its first 10,000 training digits, read back from the file), into MANIFEST
-    and one closing line."""
-    k = min(n, 10000)
+def record_fidelity(raw, k, mnist, judge, device):
+    """fidelity() of the set as written (its first k training digits, read back from the file), into MANIFEST and
+    one closing line."""
     digits = np.fromfile(os.path.join(raw, "train-images-idx3-ubyte"), np.uint8, count=k * 784, offset=16)
     f = fidelity(torch.from_numpy(digits).view(k, 28, 28), mnist, judge, device)[0]
     record_written(raw, {}, fidelity={"digits": k, **f})
@@ -2113,6 +2113,7 @@ COMMAND_OPTIONS = {
         "n_test": ((10000, 1, None), "test digits"),
         "ckpt": ("", "the generator to draw from ('': <output_dir>/G_model.ckpt)"),
         "overwrite": (False, "replace MNIST files in <dataset_dir> that `dataset` did not write itself"),
+        "measure": ((10000, 0, None), "precision, recall and near-copies of this many of the set's digits (0: skip)"),
     },
 }
 COMMANDS = {"train": "train the DCGAN (the default command)",

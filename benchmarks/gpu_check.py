@@ -148,7 +148,7 @@ def main():
         dm.main(["dataset", *common, f"--output_dir={folder}", f"--dataset_dir={out}/fake_mnist", "--overwrite=True",
                  *(["--n=300", "--n_test=100"] if a.dry else [])])
         print(f"dataset: {time.time() - began:.0f} s")
-        dm.main(["evaluate", *common, f"--output_dir={folder}", *n_eval, "--n_train=300" if a.dry else "--n_train=60000"])
+        dm.main(["evaluate", *common, f"--output_dir={folder}", *n_eval, "--n_train=0" if a.dry else "--n_train=60000"])
 
     def tests():
         if a.dry:

@@ -252,11 +252,12 @@ def test_second_builder_drops_the_digits_it_does_not_read_as_asked(judge, mnist)
 
 def test_unconditional_dataset_is_labeled_by_the_judge(smoke_run, judge, judge_cache, tmp_path):
     folder = str(tmp_path / "fake_mnist")
-    result = run_main("dataset", "--n=200", "--n_test=10", f"--dataset_dir={folder}", f"--data_dir={DATA_DIR}",
-                      f"--ckpt={smoke_run[0]}/G_model.ckpt", f"--cache_dir={judge_cache}",
+    result = run_main("dataset", "--n=200", "--n_test=10", "--measure=0", f"--dataset_dir={folder}",
+                      f"--data_dir={DATA_DIR}", f"--ckpt={smoke_run[0]}/G_model.ckpt", f"--cache_dir={judge_cache}",
                       f"--output_dir={tmp_path / 'o'}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "judge" in result.stdout
+    assert "judge" in result.stdout and "precision" not in result.stdout  # --measure=0: not measured
+    assert "fidelity" not in json.load(open(os.path.join(folder, "MNIST", "raw", dm.MANIFEST)))
     ds = torchvision.datasets.MNIST(folder, train=True, download=False)
     with torch.no_grad():
         read = judge(dm.to_float(ds.data)).argmax(1)
@@ -400,8 +401,13 @@ def test_evaluate_reports_label_accuracy_and_train_on_fake(conditional_run, judg
             and l.split()[1].endswith("%")}  # the table's rows, not the per-digit ones
     assert sorted(rows) == sorted(dm.READERS)  # one row per outside reader, and the judge is not one of them
     per_digit = {l[:44].strip(): l[44:].split() for l in lines}
-    assert len(per_digit["FID per digit (vs that digit's test images)"]) == 10
-    assert all(float(v) > 0 for v in per_digit["generated"] + per_digit["real: 10,000 training images"])
+    fid_header = next(i for i, l in enumerate(lines) if l.startswith("FID per digit (vs that digit's test images)"))
+    fid_rows = {l[:44].strip(): l[44:].split() for l in lines[fid_header:fid_header + 3]}
+    assert len(fid_rows["FID per digit (vs that digit's test images)"]) == 10
+    assert all(float(v) > 0 for v in fid_rows["generated"] + fid_rows["real: 10,000 training images"])
+    copies = {l[:44].strip(): l[44:].split() for l in lines[lines.index(next(l for l in lines if l.startswith(
+        "near-copies per digit"))):][:3]}  # a conditional G's near-copies, digit by digit, beside real digits'
+    assert len(copies["generated"]) == len(copies["real: 500 test digits"]) == 10
     for name, (real, fake, gap, agree) in rows.items():
         real, fake, agree = (float(v.rstrip("%")) for v in (real, fake, agree))
         assert real > 90 and fake < real  # 10 steps of training are no substitute for MNIST
