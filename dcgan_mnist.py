@@ -885,9 +885,13 @@ def finish(state, gan, cfg, judging, reason, data, fixed_noise, start_time):
 
 
 def resume_command(argv):
-    """The command line that continues this run: the same options, with one --resume=True at the end."""
-    args = [a for a in argv[1:] if not re.fullmatch(r"--resume(=.*)?", a)]
-    return shlex.join(["python", os.path.basename(argv[0] or "dcgan_mnist.py"), *args, "--resume=True"])
+    """The command line that continues this run: the same options, with one --resume=True at the end (any
+    --resume dropped, with its value when given after a space: --resume true)."""
+    args = argv[1:]
+    drop = {i for i, a in enumerate(args) if re.fullmatch(r"--resume(=.*)?", a)}
+    drop |= {i + 1 for i in drop if args[i] == "--resume" and args[i + 1:i + 2] and args[i + 1].lower() in BOOLS}
+    return shlex.join(["python", os.path.basename(argv[0] or "dcgan_mnist.py"),
+                       *[a for i, a in enumerate(args) if i not in drop], "--resume=True"])
 
 
 # -----------------------------------------------------------------------------
@@ -1925,13 +1929,16 @@ class Parser(argparse.ArgumentParser):
         die(message + (f" (did you mean {', '.join(close)}?)" if close else ""), 2)
 
 
+BOOLS = {"true": True, "1": True, "false": False, "0": False}  # what a bool option takes
+
+
 def option_type(default):
     """The command line's type for a constant: the constant's own; a bool takes True/False/1/0, a tuple (betas) a
     Python tuple of as many numbers."""
     def parse(text):
         try:
             if isinstance(default, bool):
-                return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+                return BOOLS[text.lower()]
             if isinstance(default, tuple):
                 value = ast.literal_eval(text)
                 assert isinstance(value, tuple) and len(value) == len(default) and all(

@@ -146,6 +146,8 @@ def test_a_resumed_position_past_the_new_epoch_length_ends_that_epoch_and_trains
 def test_the_resume_hint_has_one_resume_and_quotes_what_the_shell_needs():
     argv = ["dcgan_mnist.py", "--resume=True", "--epochs=3", "--betas=(0.6, 0.99)", "--resume"]
     assert dm.resume_command(argv) == "python dcgan_mnist.py --epochs=3 '--betas=(0.6, 0.99)' --resume=True"
+    argv = ["dcgan_mnist.py", "--resume", "True", "--epochs", "3", "--resume"]  # a value after a space goes too
+    assert dm.resume_command(argv) == "python dcgan_mnist.py --epochs 3 --resume=True"
 
 
 def test_dataset_and_pngs_are_drawn_and_written_a_chunk_at_a_time(tmp_path, monkeypatch, judge_cache):
