@@ -1152,7 +1152,7 @@ def distance_chunks(a, b, device, shift=None, chunk=500):
     which is the same for a whole row, so a row's order (nearest, k-th nearest) is the distances' own. One matrix
     product with the add fused in (addmm) per `chunk` rows of a: memory holds chunk x m, never n x m. Yields
     (this chunk's |x|^2, its rows)."""
-    a, b = (torch.as_tensor(t, device=device).float() for t in (a, b))
+    a, b = (torch.as_tensor(t).float().to(device) for t in (a, b))  # float32 first: Apple GPUs have no float64
     b2 = b.square().sum(1) - (0 if shift is None else shift.to(device))
     for x in a.split(chunk):
         yield x.square().sum(1, keepdim=True), torch.addmm(b2, x, b.T, alpha=-2)
@@ -1649,6 +1649,8 @@ def write_dataset(cfg, opts):
         print(turned_away(tally))
     if mnist is None and opts["measure"]:
         print(f"(precision, recall and near-copies not measured: MNIST is not in {cfg['data_dir']})")
+    elif min(opts["n"], opts["measure"]) <= 3:
+        print("(precision, recall and near-copies not measured: they need more than 3 digits)")
     elif opts["measure"]:
         record_fidelity(raw, min(opts["n"], opts["measure"]), mnist, judge or get_judge(cfg["cache_dir"], mnist, device),
                         device)
