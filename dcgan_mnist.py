@@ -1185,14 +1185,15 @@ def near_copies(digits, mnist, test_distances, device="cpu"):
     return dist, idx, (dist < torch.quantile(test_distances, 0.01)).float().mean().item()
 
 
-def fidelity(digits, mnist, judge, device, n=10000):
+def fidelity(digits, mnist, judge, device, n=10000, real=None):
     """Fidelity, diversity and near-copies of (the first n of) these uint8 digits, beside as many real test digits'
     figures (the floor): precision_recall in the judge's features against as many real training digits, and
     near_copies in pixels (10,000 digits: about 18 s on 2 CPU cores, in float32). Returns (the figures, what
-    nearest_neighbours.png shows)."""
+    nearest_neighbours.png shows). real: real_outputs(), if the caller has them (the same features)."""
     digits = digits[:n]
-    train, test, fake = (judge_outputs(judge, to_float(x[:len(digits)]), device)[0]
-                         for x in (mnist.train_images, mnist.test_images, digits))
+    features = lambda x: judge_outputs(judge, to_float(x[:len(digits)]), device)[0]  # noqa: E731
+    train, test = (real[1][0], real[0][0]) if real else (features(mnist.train_images), features(mnist.test_images))
+    train, test, fake = train[:len(digits)], test[:len(digits)], features(digits)
     test_dist, test_idx = nearest_training(mnist.test_images[:len(digits)], mnist.train_images, device)
     dist, idx, share = near_copies(digits, mnist, test_dist, device)
     (p, r), (real_p, real_r) = precision_recall(train, fake, device), precision_recall(train, test, device)
@@ -1824,17 +1825,18 @@ def evaluate(cfg, opts):
             ("generated", fid_by_digit(feats, asked.numpy(), test_feats, mnist.test_labels.numpy())),
             ("real: 10,000 training images", fid_by_digit(real_feats, mnist.train_labels[:10000].numpy(),
                                                           test_feats, mnist.test_labels.numpy()))], "6.1f")
-    report_fidelity(to_uint8(fakes), asked, mnist, judge, device, os.path.join(cfg["output_dir"], "nearest_neighbours.png"))
+    report_fidelity(to_uint8(fakes), asked, mnist, judge, device, real, os.path.join(cfg["output_dir"],
+                                                                                  "nearest_neighbours.png"))
     if opts["n_train"]:
         report_train_on_fake(G, cfg, opts["n_train"], mnist, judge, device)
 
 
-def report_fidelity(digits, asked, mnist, judge, device, path):
+def report_fidelity(digits, asked, mnist, judge, device, real, path):
     """Is a worse FID lost fidelity or lost diversity, and does G copy? fidelity()'s figures beside the real test
     digits', near-copies by digit for a conditional G, and `path`: row 1, the generated digits nearest to a training
     digit; row 2, those training digits; rows 3-4, the same for the real test digits (what "close" is between two
     real digits). All centred, as compared."""
-    f, (digits, dist, idx, test_dist, test_idx) = fidelity(digits, mnist, judge, device)
+    f, (digits, dist, idx, test_dist, test_idx) = fidelity(digits, mnist, judge, device, real=real)
     print(f"{f'vs {len(digits):,} real training digits':<44} {'precision':>9} {'recall':>7} {'near-copies':>12} "
           f"{'median distance':>16}")
     for name, key in (("generated", ""), (f"real: {len(digits):,} test digits", "real_")):

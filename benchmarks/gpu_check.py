@@ -107,7 +107,7 @@ def main():
                 raise
             print(f"(failed with CUDA graphs: {traceback.format_exc(limit=-2)})\nagain with --cuda_graphs=False")
             no_graphs.append("--cuda_graphs=False")
-            args = [a if not a.startswith("--output_dir=") else a + "_no_graphs" for a in args]
+            args = [x + "_no_graphs" if x.startswith("--output_dir=") else x for x in args]
             began = time.time()
             dm.main([*common, *args, *no_graphs])
         return time.time() - began
