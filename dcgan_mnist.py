@@ -1173,8 +1173,12 @@ def nearest_training(digits, train_digits, device="cpu"):
     """Each uint8 digit's distance in pixels (0-1, 784 of them) to its nearest training digit, and that digit's
     index, both centred by centre of mass first (center_digits, as MNIST's were): a copy moved by a pixel is a copy."""
     x, t = (center_digits(d).flatten(1).float() / 255 for d in (digits, train_digits))
-    nearest = [(x2 + d.min(1, keepdim=True).values, d.argmin(1)) for x2, d in distance_chunks(x, t, device)]
-    return torch.cat([n[0] for n in nearest]).flatten().clamp(min=0).sqrt().cpu(), torch.cat([n[1] for n in nearest]).cpu()
+    squared, indices = [], []
+    for x2, d in distance_chunks(x, t, device):
+        nearest = d.min(1)
+        squared.append(x2.flatten() + nearest.values)
+        indices.append(nearest.indices)
+    return torch.cat(squared).clamp(min=0).sqrt().cpu(), torch.cat(indices).cpu()
 
 
 def near_copies(digits, mnist, test_distances, device="cpu"):
@@ -1967,9 +1971,10 @@ def add_option(parser, name, default, meaning, kind=None):
     """--name value or --name=value; a bool's bare --name means True. The default appears in --help only: the
     parsed namespace holds what was given (argument_default=SUPPRESS), so a resumed run knows what was told."""
     switch = isinstance(default, bool)
+    text = argparse.SUPPRESS if meaning is None else f"{meaning} (default: {default!r})".replace("%", "%%")  # % formats
     parser.add_argument(f"--{name}", type=kind or option_type(default), nargs="?" if switch else None,
-                        const=True if switch else None, metavar=type(default).__name__ if default is not None else "int",
-                        help=argparse.SUPPRESS if meaning is None else f"{meaning} (default: {default!r})".replace("%", "%%"))
+                        const=True if switch else None, help=text,
+                        metavar="int" if default is None else type(default).__name__)
 
 
 def parse_args(argv, extra=None, command="train"):
@@ -1977,13 +1982,15 @@ def parse_args(argv, extra=None, command="train"):
     extra: the command's own options (COMMAND_OPTIONS[command]); the hyperparameters apply to every command."""
     source = open(__file__, encoding="utf-8").read()
     prog = f"python {os.path.basename(__file__)}" + ("" if command == "train" else f" {command}")
-    parser = Parser(prog=prog, usage=f"{prog} [--name=value ...]", allow_abbrev=False,
+    epilog = (f"--conditional=True changes these defaults (CONDITIONAL_DEFAULTS): {CONDITIONAL_DEFAULTS}\n"
+              f"On a CUDA GPU (compute capability 7.0+), after those (GPU_DEFAULTS): {GPU_DEFAULTS}")
+    if command != "train":  # a command's --help: its own options; the hyperparameters are in the main --help
+        epilog = ("The training hyperparameters apply too where they matter (--output_dir, --data_dir, --seed, "
+                  "--device, ...): python dcgan_mnist.py --help lists them all.")
+    parser = Parser(prog=prog, usage=f"{prog} [--name=value ...]", epilog=epilog, allow_abbrev=False,
                     description=__doc__ if command == "train" else COMMANDS[command], argument_default=argparse.SUPPRESS,
-                    formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32, width=118),
-                    epilog=f"--conditional=True changes these defaults (CONDITIONAL_DEFAULTS): {CONDITIONAL_DEFAULTS}\n"
-                           f"On a CUDA GPU (compute capability 7.0+), after those (GPU_DEFAULTS): {GPU_DEFAULTS}"
-                    if command == "train" else "The training hyperparameters apply too where they matter (--output_dir, "
-                    "--data_dir, --seed, --device, ...): python dcgan_mnist.py --help lists them all.")
+                    formatter_class=functools.partial(argparse.RawDescriptionHelpFormatter, max_help_position=32,
+                                                      width=118))
     for name, (spec, meaning) in (extra or {}).items():
         default, kind = (spec[0], whole_number(*spec[1:])) if isinstance(spec, tuple) else (spec, None)
         add_option(parser, name, default, meaning, kind)
