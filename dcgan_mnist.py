@@ -1652,13 +1652,13 @@ def write_dataset(cfg, opts):
           f"Load with torchvision.datasets.MNIST({opts['dataset_dir']!r}) or --data_dir={opts['dataset_dir']}")
     if tally["drawn"]:
         print(turned_away(tally))
-    if mnist is None and opts["measure"]:
+    k = min(opts["n"], opts["measure"])  # the set's digits to measure (0: none)
+    if k and mnist is None:
         print(f"(precision, recall and near-copies not measured: MNIST is not in {cfg['data_dir']})")
-    elif min(opts["n"], opts["measure"]) <= 3:
+    elif 0 < k <= 3:
         print("(precision, recall and near-copies not measured: they need more than 3 digits)")
-    elif opts["measure"]:
-        record_fidelity(raw, min(opts["n"], opts["measure"]), mnist, judge or get_judge(cfg["cache_dir"], mnist, device),
-                        device)
+    elif k:
+        record_fidelity(raw, k, mnist, judge or get_judge(cfg["cache_dir"], mnist, device), device)
 
 
 def record_fidelity(raw, k, mnist, judge, device):

@@ -258,6 +258,9 @@ def test_unconditional_dataset_is_labeled_by_the_judge(smoke_run, judge, judge_c
     assert result.returncode == 0, result.stderr[-3000:]
     assert "judge" in result.stdout and "precision" not in result.stdout  # --measure=0: not measured
     assert "fidelity" not in json.load(open(os.path.join(folder, "MNIST", "raw", dm.MANIFEST)))
+    result = run_main("dataset", "--n=3", "--n_test=1", f"--dataset_dir={tmp_path / 'three'}", f"--data_dir={DATA_DIR}",
+                      f"--ckpt={smoke_run[0]}/G_model.ckpt", f"--cache_dir={judge_cache}", f"--output_dir={tmp_path / 'o'}")
+    assert result.returncode == 0 and "not measured: they need more than 3 digits" in result.stdout
     ds = torchvision.datasets.MNIST(folder, train=True, download=False)
     with torch.no_grad():
         read = judge(dm.to_float(ds.data)).argmax(1)
