@@ -1900,8 +1900,10 @@ def die(message, code):
     sys.exit(code)
 
 
-class Interrupted(Exception):
-    """The first Ctrl-C or SIGTERM in `sample`, `evaluate` or `dataset` (training instead finishes its batch)."""
+class Interrupted(BaseException):
+    """The first Ctrl-C or SIGTERM in `sample`, `evaluate` or `dataset` (training instead finishes its batch). A
+    BaseException, like KeyboardInterrupt: a library's `except Exception` must not swallow it (tqdm's, starting its
+    monitor thread, did when the signal came just then)."""
 
 
 @contextlib.contextmanager
