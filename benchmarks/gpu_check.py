@@ -2,7 +2,7 @@
 The GPU check: what a GPU needs measured, in one command that one `device` call runs (at most --minutes, 8, on one
 H100/H200), in one Python process, with a summary file (--summary) beside its log:
   1. the precision and the machine's defaults (GPU_DEFAULTS);
-  2. step_cost.py: a training step at the CPU's and the GPU's widths, recorded as a CUDA graph or not, compiled;
+  2. step_cost.py: a training step at the CPU's and the GPU's widths, kernel by kernel, as a CUDA graph, compiled;
   3. the default run for seeds 0 and 1: minutes (the first trains the judge), FID per epoch (metrics.csv), and
      `evaluate` on two fresh draws of each;
   4. the conditional default, `dataset` (60,000 + 10,000 digits), and `evaluate` with the three outside readers;
@@ -12,8 +12,8 @@ H100/H200), in one Python process, with a summary file (--summary) beside its lo
     python benchmarks/gpu_check.py --data_dir=<data> --cache_dir=<judge cache> --dry   # every step, tiny, on CPU
 
 MNIST/raw/ may hold the four files gzipped (*.gz): a device call carries at most 64 MiB, and the plain files
-are 53 MiB; they are unpacked into <out>/data. A training run that fails with CUDA graphs is run again without
-(--cuda_graphs=False), and says so. Exits 1 if a step failed.
+are 53 MiB; they are unpacked into <out>/data. The training runs try CUDA graphs (--cuda_graphs=True: off by default
+until measured); a run that fails with them is run again without, and says so. Exits 1 if a step failed.
 """
 import argparse
 import contextlib
@@ -90,11 +90,11 @@ def main():
     common = [f"--data_dir={data}", f"--device={dev}", f"--cache_dir={cache}"]
     tiny = ["--max_batches=3", "--batch_size=16", "--eval_every=1", "--eval_samples=200", "--eval_draws=1"]
     # dry: the GPU's defaults (GPU_DEFAULTS) named, tiny; on a GPU the script picks them itself
-    run = [*tiny, "--epochs=2", "--ngf=16", "--ndf=16"] if a.dry else ["--max_minutes=2"]
+    run = [*tiny, "--epochs=2", "--ngf=16", "--ndf=16"] if a.dry else ["--max_minutes=2", "--cuda_graphs=True"]
     n_eval = ["--n=200"] if a.dry else ["--n=10000"]
     steps = ["--steps=1", "--rounds=1"] if a.dry else ["--steps=100", "--rounds=3"]
-    only = "G64 D32,G64 D32 no graphs" if a.dry else ("G64 D32,G64 D32 no graphs,G128 D128,G128 D128 no graphs,"
-                                                      "G128 D128 compile")
+    only = "G64 D32,G64 D32 CUDA graphs" if a.dry else ("G64 D32,G64 D32 CUDA graphs,G128 D128,G128 D128 CUDA graphs,"
+                                                        "G128 D128 compile")
     no_graphs = []  # becomes ["--cuda_graphs=False"] if a run fails with CUDA graphs
 
     def train(*args):

@@ -5,8 +5,8 @@ FLOP count: how far each is from the machine's limit, and what a default run cos
     python benchmarks/step_cost.py --data_dir=../shared/data [--device=auto] [--steps=15] [--rounds=3] [--no_amp]
         [--only="G64 D64,G64 D32"]   (the compile settings run only where named in --only)
 
-On CUDA, train_one_epoch records the step as a CUDA graph after 3 batches (CUDA_GRAPHS), once per call: give
---steps well above 3 (100+) for the steady cost; "no graphs" settings run it kernel by kernel.
+On CUDA, the "CUDA graphs" settings record the step as a CUDA graph after 3 batches (CUDA_GRAPHS), once per
+train_one_epoch call: give --steps well above 3 (100+) for the steady cost; the others run it kernel by kernel.
 
 Each round trains `steps` batches of every setting in turn (after one warm-up round), so slow spells of a
 shared machine hit all alike; medians of the rounds are printed. FLOPs: torch.utils.flop_counter on one batch
@@ -36,8 +36,8 @@ SETTINGS = {  # name: overrides of the script's defaults (G: NGF, D: NDF)
     "G32 D32": {"ngf": 32, "ndf": 32},
     "G32 D32 1 G step": {"ngf": 32, "ndf": 32, "g_steps": 1},
     "G128 D128": {"ngf": 128, "ndf": 128},  # GPU_DEFAULTS' widths
-    "G64 D32 no graphs": {"cuda_graphs": False},  # CUDA: kernel by kernel, not a recorded step (CUDA_GRAPHS)
-    "G128 D128 no graphs": {"ngf": 128, "ndf": 128, "cuda_graphs": False},
+    "G64 D32 CUDA graphs": {"cuda_graphs": True},  # CUDA: the step recorded once and replayed (CUDA_GRAPHS)
+    "G128 D128 CUDA graphs": {"ngf": 128, "ndf": 128, "cuda_graphs": True},
     "G64 D32 compile": {"compile": True},  # torch.compile's default mode (fuses small kernels)
     "G128 D128 compile": {"ngf": 128, "ndf": 128, "compile": True},
 }

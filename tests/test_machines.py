@@ -85,9 +85,10 @@ def test_cuda_graphs_only_on_cuda_and_never_with_grad_scalers_or_compile():
     gan = dm.build_models(config(ngf=8, ndf=8), torch.device("cpu"))
 
     def graphed(device="cuda", gan=gan, **options):
-        return not isinstance(dm.training_step(gan, config(**options), None, torch.device(device)), functools.partial)
+        cfg = config(**{"cuda_graphs": True, **options})
+        return not isinstance(dm.training_step(gan, cfg, None, torch.device(device)), functools.partial)
     assert graphed() and not graphed("cpu") and not graphed("mps")
-    assert not graphed(cuda_graphs=False) and not graphed(compile=True)
+    assert not dm.CUDA_GRAPHS and not graphed(cuda_graphs=False) and not graphed(compile=True)  # off until measured
     assert not graphed(gan=gan._replace(G_scaler=torch.amp.GradScaler("cpu")))
 
 
@@ -134,7 +135,7 @@ def test_the_gpu_check_runs_dry_on_the_cpu(judge_cache, tmp_path):
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     out = result.stdout
     assert "float32: this CPU has no bf16 units" in out or "bf16 autocast" in out
-    assert "G64 D32 no graphs" in out and "GFLOP/s" in out  # step costs
+    assert "G64 D32 CUDA graphs" in out and "GFLOP/s" in out  # step costs
     assert "the default run, seed 0:" in out and "epoch  seconds  FID" in out and "Epoch [2/2]" in out
     assert out.count("images vs the 10,000 test digits") == 2  # a fresh draw of the default run, the conditional G
     assert "Wrote 300 training and 100 test digits" in out and "dataset:" in out
