@@ -786,10 +786,10 @@ def cuda_graphed(step, warmup=3):
     """step(real, labels, ema_d), run `warmup` times as it is (on a side stream, as torch.cuda.graph asks: Adam
     creates its state), then recorded once on fixed input tensors (torch.cuda.graph) and from then on replayed
     with each batch copied into them. A batch of another size (an epoch's last) runs as it is."""
-    graph, inputs, output, calls = None, None, None, 0
+    graph, inputs, output, calls, side = None, None, None, 0, None
 
     def run(real, labels, ema_d):
-        nonlocal graph, inputs, output, calls
+        nonlocal graph, inputs, output, calls, side
         calls += 1
         if graph is None and calls > warmup:  # record: the kernels are captured, not run
             inputs = (real.clone(), None if labels is None else labels.clone(), torch.tensor(ema_d, device=real.device))
@@ -797,7 +797,7 @@ def cuda_graphed(step, warmup=3):
             with torch.cuda.graph(graph):
                 output = step(*inputs)
         if graph is None or real.shape != inputs[0].shape:
-            side = torch.cuda.Stream()
+            side = side or torch.cuda.Stream()  # one side stream, made on the first call
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 result = step(real, labels, ema_d)
@@ -1186,7 +1186,12 @@ def near_copies(digits, mnist, test_distances, device="cpu"):
     digit's index; and the share of digits closer to one than 99% of the real test digits are to the 60,000
     training digits (test_distances: nearest_training(test, train)): about 1% when G does not copy."""
     dist, idx = nearest_training(digits, torch.cat([mnist.train_images, mnist.test_images]), device)
-    return dist, idx, (dist < torch.quantile(test_distances, 0.01)).float().mean().item()
+    return dist, idx, (dist < copy_threshold(test_distances)).float().mean().item()
+
+
+def copy_threshold(test_distances):
+    """Closer to a training digit than 99% of the real test digits are: a near-copy."""
+    return torch.quantile(test_distances, 0.01)
 
 
 def fidelity(digits, mnist, judge, device, n=10000, real=None):
@@ -1201,7 +1206,7 @@ def fidelity(digits, mnist, judge, device, n=10000, real=None):
     test_dist, test_idx = nearest_training(mnist.test_images[:len(digits)], mnist.train_images, device)
     dist, idx, share = near_copies(digits, mnist, test_dist, device)
     (p, r), (real_p, real_r) = precision_recall(train, fake, device), precision_recall(train, test, device)
-    real_share = (test_dist < torch.quantile(test_dist, 0.01)).float().mean().item()  # 1% by its definition
+    real_share = (test_dist < copy_threshold(test_dist)).float().mean().item()  # 1% by its definition
     figures = {"precision": p, "recall": r, "near_copies": share, "median_distance": dist.median().item(),
                "real_precision": real_p, "real_recall": real_r, "real_near_copies": real_share,
                "real_median_distance": test_dist.median().item()}
@@ -1850,7 +1855,7 @@ def report_fidelity(digits, asked, mnist, judge, device, real, path):
           " near-copies: share closer to a training digit, in pixels, than 99% of the real test digits are: ~1% if G"
           " does not copy)")
     if asked is not None:  # simple shapes (ones) come closest, for real digits too: their row is the floor
-        threshold, labels = torch.quantile(test_dist, 0.01), (asked[:len(digits)], mnist.test_labels[:len(digits)])
+        threshold, labels = copy_threshold(test_dist), (asked[:len(digits)], mnist.test_labels[:len(digits)])
         print_by_digit("near-copies per digit (%)", [(name, [100 * (d[y == k] < threshold).float().mean().item()
                                                             for k in range(N_CLASSES)]) for name, d, y in (
             ("generated", dist, labels[0]), (f"real: {len(digits):,} test digits", test_dist, labels[1]))], "6.1f")
