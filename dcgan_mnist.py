@@ -10,7 +10,7 @@ DCGAN on MNIST in one script: train a generator of handwritten digits, watch it 
     python dcgan_mnist.py --help                 # every hyperparameter with its default
 
 Sections, in reading order. A first read: the [DCGAN] ones, 1-6, are the algorithm, ending with the training
-loop (about 540 lines); 7-11 can be skipped.
+loop (about 520 lines); 7-11 can be skipped.
    1. [DCGAN] hyperparameters                    7. [bookkeeping] what the loop calls: machines, Ctrl-C, printing
    2. [DCGAN] seeding and device                 8. [measuring] the quality judge (FID, score, digits, copies)
    3. [DCGAN] data                               9. [files and safety] checkpoints, grids, plots
@@ -133,13 +133,6 @@ def pick_device(name):
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def autocast(device_type, dtype):
-    """Mixed precision in dtype (bf16 or float16); None: plain float32. On CUDA without autocast's cache of
-    cast weights: a recorded CUDA graph must cast them on every replay (CUDA_GRAPHS)."""
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype,
-                                                                         cache_enabled=device_type != "cuda")
 
 
 # -----------------------------------------------------------------------------
@@ -382,22 +375,6 @@ def ema_update(G_ema, G, d):
         e.lerp_(p, 1.0 - d)
 
 
-@torch.no_grad()
-def refresh_bn_stats(G_ema, noise_dim, device, seed, batches=8, batch_size=256):
-    """The averaged G needs BatchNorm statistics of its own (G's running stats belong to other weights):
-    reset them and average over a few batches of noise, then switch back to eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in G_ema.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # None = plain average over the batches below
-    G_ema.train()
-    for _ in range(batches):
-        z = torch.randn(batch_size, noise_dim, 1, 1, generator=gen).to(device)
-        G_ema(z, balanced_labels(batch_size, device) if G_ema.n_classes else None)
-    G_ema.eval()
-
-
 # -----------------------------------------------------------------------------
 # 6. [DCGAN] The training loop: train_one_epoch (the batches), end_of_epoch (FID, early stopping, checkpoints), train
 TRACKED = ("d_loss", "g_loss", "d_x", "d_g_z")  # per-batch values averaged over each epoch
@@ -539,8 +516,9 @@ def train(cfg, given=()):
 
 
 # -----------------------------------------------------------------------------
-# 7. [bookkeeping] What the loop calls that a first read can skip: the precision and defaults each machine gets,
-# setting a run up and saying what to expect, Ctrl-C, the CUDA graph, what each epoch prints and why training stops.
+# 7. [bookkeeping] What the loop calls that a first read can skip: the precision and defaults each machine gets, the
+# averaged G's BatchNorm statistics, setting a run up and saying what to expect, Ctrl-C, the CUDA graph, what each
+# epoch prints and why training stops.
 def choose_precision(device_type, capability=(0, 0), cpu_bf16=False, amp=True):
     """(autocast dtype, or None for float32; why), from what the hardware computes natively. Mixed precision
     halves the convolution work only where the units exist; emulated, it is slower than float32. So: bf16 on
@@ -579,15 +557,6 @@ def machine_defaults(device_type, capability=(0, 0)):
     return GPU_DEFAULTS if device_type == "cuda" and capability >= (7, 0) else {}
 
 
-def say_machine_defaults(device, given, conditional):
-    """Name the defaults this machine class changed (GPU_DEFAULTS), where the command line was silent."""
-    changed = {k: v for k, v in machine_defaults(device.type, capability(device)).items() if k not in given}
-    cpu = {"ngf": NGF, "ndf": NDF, "epochs": EPOCHS, **(CONDITIONAL_DEFAULTS if conditional else {})}
-    if changed:
-        print(f"GPU defaults: {', '.join(f'{k}={v}' for k, v in changed.items())}: on a GPU a wider G and D cost no "
-              f"time (a CPU's: {', '.join(f'{k}={cpu[k]}' for k in changed)}; --name=value chooses)", flush=True)
-
-
 def backward_and_step(loss, optimizer, scaler=None):
     """loss.backward() and optimizer.step(). In float16, the GradScaler multiplies the loss so that small
     gradients do not underflow to 0, divides them back before the step, and skips steps whose gradients
@@ -599,6 +568,30 @@ def backward_and_step(loss, optimizer, scaler=None):
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
+
+
+def autocast(device_type, dtype):
+    """Mixed precision in dtype (bf16 or float16); None: plain float32. On CUDA without autocast's cache of
+    cast weights: a recorded CUDA graph must cast them on every replay (CUDA_GRAPHS)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype,
+                                                                         cache_enabled=device_type != "cuda")
+
+
+@torch.no_grad()
+def refresh_bn_stats(G_ema, noise_dim, device, seed, batches=8, batch_size=256):
+    """The averaged G needs BatchNorm statistics of its own (G's running stats belong to other weights):
+    reset them and average over a few batches of noise, then switch back to eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in G_ema.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # None = plain average over the batches below
+    G_ema.train()
+    for _ in range(batches):
+        z = torch.randn(batch_size, noise_dim, 1, 1, generator=gen).to(device)
+        G_ema(z, balanced_labels(batch_size, device) if G_ema.n_classes else None)
+    G_ema.eval()
+
 
 
 def use_channels_last(device, channels_last, compile=False):
@@ -640,25 +633,16 @@ def settings_to_train(cfg, given):
 
 
 def say_machine(device, cfg, given):
-    """Print the device and its precision (and, on a new run, a GPU's defaults); returns the autocast dtype."""
+    """Print the device, its precision and, on a new run, the GPU's defaults (main applied them where the command
+    line was silent). Returns the autocast dtype."""
     amp, why = precision(device, cfg["amp"])
     print(f"Device: {device}; {why}", flush=True)
-    if not cfg["resume"]:
-        say_machine_defaults(device, given, cfg["conditional"])
+    changed = [k for k in machine_defaults(device.type, capability(device)) if k not in given]
+    cpu = {"ngf": NGF, "ndf": NDF, "epochs": EPOCHS, **(CONDITIONAL_DEFAULTS if cfg["conditional"] else {})}
+    if changed and not cfg["resume"]:
+        print(f"GPU defaults: {', '.join(f'{k}={cfg[k]}' for k in changed)}: on a GPU a wider G and D cost no time "
+              f"(a CPU's: {', '.join(f'{k}={cpu[k]}' for k in changed)}; --name=value chooses)", flush=True)
     return amp
-
-
-@contextlib.contextmanager
-def stop_after_the_batch():
-    """Explicit handlers for Ctrl-C and SIGTERM: a background process may start with SIGINT ignored, and SIGTERM
-    never raises KeyboardInterrupt. Either way the loop finishes its batch, saves, and says how to resume."""
-    STOP["signal"] = None
-    old_handlers = [signal.signal(s, handle_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)]
-    try:
-        yield
-    finally:
-        for s, h in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
-            signal.signal(s, h)
 
 
 def interrupted(state, gan, fixed_noise, cfg, given, start_time):
@@ -758,17 +742,47 @@ def resume_notice(state, cfg, n_batches):
 STOP = {"signal": None}  # set by the first Ctrl-C / SIGTERM; the loop stops after the current batch
 
 
-def quit_at_once(signum, frame):
-    """A second Ctrl-C / SIGTERM: leave at once, touching no file."""
-    os._exit(128 + signum)
+@contextlib.contextmanager
+def on_stop_signals(handler):
+    """handler for Ctrl-C and SIGTERM inside the block. Explicit: a background process may start with SIGINT
+    ignored, and SIGTERM never raises KeyboardInterrupt."""
+    old_handlers = [signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        yield
+    finally:
+        for s, h in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
+            signal.signal(s, h)
 
 
-def handle_stop_signal(signum, frame):
+def stop_after_the_batch():
+    """Training's Ctrl-C or SIGTERM: the loop finishes its batch, saves, and says how to resume."""
+    STOP["signal"] = None
+    return on_stop_signals(note_stop_signal)
+
+
+def note_stop_signal(signum, frame):
     if STOP["signal"] is not None:
         quit_at_once(signum, frame)
     STOP["signal"] = signum
     print("\nStopping after this batch and saving last.ckpt (press Ctrl-C again to quit at once) ...",
           file=sys.stderr, flush=True)
+
+
+def quit_at_once(signum, frame):
+    """A second Ctrl-C / SIGTERM: leave at once, touching no file."""
+    os._exit(128 + signum)
+
+
+class Interrupted(BaseException):
+    """The first Ctrl-C or SIGTERM in `sample`, `evaluate` or `dataset`: they have no batch to finish, and stop at
+    once, unwinding through atomic_file (which removes its temporary file) and the folder lock. A BaseException,
+    like KeyboardInterrupt: tqdm's `except Exception` swallowed it when the signal came as it started a thread."""
+
+
+def interrupt(signum, frame):
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, quit_at_once)  # a second signal quits at once
+    raise Interrupted(signum)
 
 
 def training_step(gan, cfg, amp, device):
@@ -915,15 +929,6 @@ class Judge(nn.Module):
         return self.classify(self.features(x))
 
 
-def train_judge(train_x, train_y, device, epochs=3, seed=0, say_time=False):
-    """Three epochs of Adam: 99.1% test accuracy, in 30-110 s on 2 CPU cores."""
-    with torch.random.fork_rng(devices=[]):  # own seed; leaves the GAN's random streams alone
-        torch.manual_seed(seed)
-        judge = Judge().to(device)
-        return fit_classifier(judge, torch.optim.Adam(judge.parameters(), lr=1e-3), train_x, train_y, device,
-                              epochs, "judge", say_time=say_time)
-
-
 def fit_classifier(model, opt, train_x, train_y, device, epochs, name, schedule=None, shift=0, say_time=False):
     """Minibatches of 128 in a new random order each epoch, cross-entropy; the model in eval mode.
     shift > 0: each digit moved by up to `shift` pixels each time it is seen (random_shift). say_time: one
@@ -984,22 +989,20 @@ def judge_path(cache_dir, mnist, name=JUDGE_FILE):
     return os.path.join(os.path.expanduser(cache_dir), f"{name}_{digest.hexdigest()[:16]}.pt")
 
 
-def get_judge(cache_dir, mnist, device, reader=None):
-    """Load the judge (or the outside reader named `reader`) cached for these training digits, or train it
-    (once per data and cache folder) and cache it."""
-    name, build = (JUDGE_FILE, Judge) if reader is None else (CLASSIFIERS[reader].file, CLASSIFIERS[reader].build)
-    path = judge_path(cache_dir, mnist, name)
-    judge = build().to(device)
+def get_judge(cache_dir, mnist, device, reader="judge"):
+    """Load the classifier `reader` of CLASSIFIERS (the judge, or an outside reader) cached for these training digits,
+    or train it (once per data and cache folder) and cache it."""
+    r = CLASSIFIERS[reader]
+    path = judge_path(cache_dir, mnist, r.file)
+    judge = r.build().to(device)
     try:
         judge.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
         return in_fast_layout(judge.eval(), device)
     except Exception:  # missing or unreadable: train a new one
         pass
-    what = "the FID judge (LeNet)" if reader is None else f"the classifier {reader} ({CLASSIFIERS[reader].about})"
+    what = r.about if reader == "judge" else f"the classifier {reader} ({r.about})"
     print(f"Training {what} on these {len(mnist.train_images):,} training digits (once; cached in {path}) ...")
-    x, y = mnist.train_images, mnist.train_labels
-    judge = train_judge(x, y, device, say_time=True) if reader is None else train_reader(reader, x, y, device,
-                                                                                           say_time=True)
+    judge = train_reader(reader, mnist.train_images, mnist.train_labels, device, say_time=True)
     accuracy = judge_accuracy(judge, mnist.test_images, mnist.test_labels, device)
     print(f"Its test accuracy: {accuracy:.2%}")
     try:
@@ -1049,8 +1052,9 @@ def vgg():
                          nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 7 * 7, 10))
 
 
-Reader = namedtuple("Reader", "build epochs optimizer about file shift", defaults=(0,))  # shift: random_shift
-READERS = {  # name: a family unlike the judge's LeNet, and a recipe unlike train_judge's (3 epochs of Adam 1e-3)
+Reader = namedtuple("Reader", "build epochs optimizer about file shift seed decay", defaults=(0, 1, True))
+# shift: random_shift's pixels; seed: its own (the judge's is 0); decay: the learning rate falls linearly to 0
+READERS = {  # name: a family unlike the judge's LeNet, and a recipe unlike the judge's (3 epochs of Adam 1e-3)
     "mlp": Reader(mlp, 10, lambda p: torch.optim.Adam(p, lr=1e-3),
                   "a 784-512-256-10 perceptron, 10 epochs of Adam", "reader_mlp_v1"),
     "allconv": Reader(all_conv, 3, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True,
@@ -1087,20 +1091,23 @@ def resnet():
 
 BUILDER = Reader(resnet, 2, lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=1e-2),
                  "a small ResNet, 2 epochs of AdamW", "builder_resnet_v1")
-CLASSIFIERS = {**READERS, "resnet": BUILDER}  # every classifier trained by train_reader, by name
+CLASSIFIERS = {  # every classifier train_reader trains, by name; the judge: 99.1% on the real test digits
+    "judge": Reader(Judge, 3, lambda p: torch.optim.Adam(p, lr=1e-3), "the FID judge (LeNet)", JUDGE_FILE, 0, 0, False),
+    **READERS, "resnet": BUILDER}
 
 
-def train_reader(name, train_x, train_y, device, seed=1, say_time=False):
-    """Classifier `name` trained its own way on these labeled uint8 digits: its optimizer for its epochs, the
-    learning rate falling linearly to 0 over the run, and a seed other than the judge's."""
+def train_reader(name, train_x, train_y, device, epochs=None, say_time=False):
+    """Classifier `name` of CLASSIFIERS trained its own way on these labeled uint8 digits: its optimizer for its
+    epochs (or `epochs`), from its own seed. The judge's test accuracy: 99.1%, in 30-110 s on 2 CPU cores."""
     r = CLASSIFIERS[name]
+    epochs = epochs or r.epochs
     with torch.random.fork_rng(devices=[]):  # own seed; leaves the GAN's random streams alone
-        torch.manual_seed(seed)
+        torch.manual_seed(r.seed)
         model = r.build().to(device)
         opt = r.optimizer(model.parameters())
-        steps = r.epochs * math.ceil(len(train_x) / 128)
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
-        return fit_classifier(model, opt, train_x, train_y, device, r.epochs, name, schedule, r.shift, say_time)
+        steps = epochs * math.ceil(len(train_x) / 128)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps) if r.decay else None
+        return fit_classifier(model, opt, train_x, train_y, device, epochs, name, schedule, r.shift, say_time)
 
 
 @torch.no_grad()
@@ -1360,17 +1367,12 @@ def restore_training_state(saved, gan, cfg):
 
 
 def rng_states():
-    """All random streams as tensors and plain lists, so torch.load(weights_only=True) reads them."""
-    np_state = np.random.get_state()
-    return {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """The random streams training draws from: torch's, on the CPU and each CUDA device (Python's and numpy's are
+    seeded by set_seed, but nothing here draws from them)."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_states(s):
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
     torch.set_rng_state(s["torch"].cpu())  # RNG states must be CPU tensors, whatever map_location did
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
@@ -1517,8 +1519,8 @@ CHUNK = 10000  # `dataset` and `sample --png_dir` draw and write this many digit
 
 
 def sample(cfg, opts):
-    """A grid (8x8; 10x10 by digit for a conditional G; 8x8 of one --digit), optional PNGs and an
-    interpolation picture."""
+    """Draw digits: <output_dir>/fake_grid.png (8x8; a conditional G's 10x10, row r = digit r; 8x8 of one --digit),
+    and if asked PNGs and an interpolation."""
     device = pick_device(cfg["device"])
     G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
     digit, nd = opts["digit"], cfg["noise_dim"]
@@ -1550,36 +1552,32 @@ def sample(cfg, opts):
         print(f"Wrote {n} PNGs (28x28 grayscale) to {opts['png_dir']}/{layout}")
 
 
-def labeled_fakes(G, n, noise_dim, device, seed, noise_std, judge=None, min_p=0.0, builder=None, agree=0.0,
-                  chunk=CHUNK, center=False):
+def labeled_fakes(G, n, cfg, device, seed, builders=(None, None)):
     """n generated digits (uint8) and their labels, drawn as `dataset` draws them (labeled_fake_chunks)."""
-    images, labels = zip(*labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge, min_p, builder,
-                                              agree, chunk, center=center))
+    images, labels = zip(*labeled_fake_chunks(G, n, cfg, device, seed, builders))
     return torch.cat(images), torch.cat(labels)
 
 
-def labeled_fake_chunks(G, n, noise_dim, device, seed, noise_std, judge=None, min_p=0.0, builder=None, agree=0.0,
-                        chunk=CHUNK, tally=None, center=False):
-    """n generated digits (uint8) and their labels, `chunk` at a time from one random stream: the digits
-    a conditional G was asked for (balanced, in shuffled order), or, for an unconditional G, the judge's
-    reading of each (only as good as the judge).
-    noise_std > 1 (DATASET_NOISE) reaches the rarer digits at the edges of G's range: a classifier
-    trained on the set then meets fewer surprises among real digits. min_p > 0 (DATASET_FILTER): a
-    conditional G draws 3x and keeps 1/3 (a tenth of each digit), those the judge reads as the digit
-    asked for with probability >= min_p (judge_filter): wide noise also draws digits that no longer look
-    like their label, which teach a classifier wrong. agree > 0 (DATASET_AGREE): the second builder, of
-    another family, must read them as asked too, with probability >= agree. tally: see judge_filter.
-    center (DATASET_CENTER): each digit centred as MNIST's are (center_digits)."""
-    gen = rng(seed)
+def labeled_fake_chunks(G, n, cfg, device, seed, builders=(None, None), tally=None, chunk=CHUNK):
+    """n generated digits (uint8) and their labels, `chunk` at a time from one random stream: the digits a conditional
+    G was asked for (balanced, in shuffled order), or, for an unconditional G, the judge's reading of each (only as
+    good as the judge). builders: get_builders(). DATASET_NOISE > 1 reaches the rarer digits at the edges of G's
+    range: a classifier trained on the set then meets fewer surprises among real digits. DATASET_FILTER > 0: a
+    conditional G draws 3x and keeps 1/3 (a tenth of each digit), those the judge (and with DATASET_AGREE the second
+    builder, of another family) reads as the digit asked for (judge_filter): wide noise also draws digits that no
+    longer look like their label, which teach a classifier wrong. tally: see judge_filter. DATASET_CENTER: each
+    digit centred as MNIST's are (center_digits)."""
+    (judge, builder), gen, center = builders, rng(seed), cfg["dataset_center"]
+    min_p, agree, std = cfg["dataset_filter"], builder_agree(G, cfg), cfg["dataset_noise"]
     for start in range(0, n, chunk):
         k = min(chunk, n - start)
         if not G.n_classes:
-            images = generate(G, k, noise_dim, device, gen, noise_std=noise_std)
+            images = generate(G, k, cfg["noise_dim"], device, gen, noise_std=std)
             yield as_mnist(images, center), torch.from_numpy(judge_outputs(judge, images, device)[1].argmax(1))
             continue
         draws = 3 * k if min_p else k
         asked = balanced_labels(draws)[torch.randperm(draws, generator=gen)]
-        images = generate(G, draws, noise_dim, device, gen, asked, noise_std=noise_std)
+        images = generate(G, draws, cfg["noise_dim"], device, gen, asked, noise_std=std)
         if min_p:
             second = class_probs(builder, images, device) if agree else None
             keep = judge_filter(judge_outputs(judge, images, device)[1], asked, k, gen, min_p, second, agree, tally)
@@ -1637,7 +1635,7 @@ def judge_filter(probs, asked, n, seed, min_p=0.5, second=None, agree=0.0, tally
 
 
 def write_dataset(cfg, opts):
-    """A fake MNIST in MNIST's own files: DIR/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.
+    """Write a labeled fake MNIST in MNIST's own files: DIR/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.
     Never over real data: check_dataset_target runs first, and the files written are recorded (MANIFEST)."""
     raw = os.path.join(opts["dataset_dir"], "MNIST", "raw")
     check_dataset_target(raw, cfg["data_dir"], opts["dataset_dir"], opts["overwrite"])
@@ -1645,13 +1643,11 @@ def write_dataset(cfg, opts):
     G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
     needs_mnist = not G.n_classes or cfg["dataset_filter"] or (opts["measure"] and mnist_files_present(cfg["data_dir"]))
     mnist = load_mnist(cfg["data_dir"]) if needs_mnist else None
-    judge, builder = get_builders(G, cfg, mnist, device)
+    builders = get_builders(G, cfg, mnist, device)  # (the judge, the second builder), where needed
     os.makedirs(raw, exist_ok=True)
     tally = Counter()
     for split, n, offset in (("train", opts["n"], 0), ("t10k", opts["n_test"], 1)):
-        chunks = labeled_fake_chunks(G, n, cfg["noise_dim"], device, cfg["seed"] + SEED_OFFSET_DATASET + offset,
-                                     cfg["dataset_noise"], judge, cfg["dataset_filter"], builder,
-                                     builder_agree(G, cfg), CHUNK, tally, cfg["dataset_center"])
+        chunks = labeled_fake_chunks(G, n, cfg, device, cfg["seed"] + SEED_OFFSET_DATASET + offset, builders, tally)
         write_idx_split(raw, split, n, with_progress(chunks, n, f"{split} digits", tally))
     print(f"Wrote {opts['n']:,} training and {opts['n_test']:,} test digits to {raw}/ ({dataset_source(G, cfg)}). "
           f"Load with torchvision.datasets.MNIST({opts['dataset_dir']!r}) or --data_dir={opts['dataset_dir']}")
@@ -1663,7 +1659,7 @@ def write_dataset(cfg, opts):
     elif 0 < k <= 3:
         print("(precision, recall and near-copies not measured: they need more than 3 digits)")
     elif k:
-        record_fidelity(raw, k, mnist, judge or get_judge(cfg["cache_dir"], mnist, device), device)
+        record_fidelity(raw, k, mnist, builders[0] or get_judge(cfg["cache_dir"], mnist, device), device)
 
 
 def record_fidelity(raw, k, mnist, judge, device):
@@ -1789,11 +1785,10 @@ def dataset_source(G, cfg):
     return "labels: the digits G was asked for" + kept + centred
 
 
-def train_on_fake_accuracy(images, labels, mnist, device, reader=None):
-    """Train on synthetic, test on real: a fresh classifier trained on these labeled uint8 digits, its accuracy
-    on the 10,000 real test digits. reader: one of READERS, trained its own way (train_reader); None: the
-    judge's architecture trained the judge's way (train_judge), only fair for a set the judge did not build."""
-    classifier = train_judge(images, labels, device) if reader is None else train_reader(reader, images, labels, device)
+def train_on_fake_accuracy(images, labels, mnist, device, reader="judge"):
+    """Train on synthetic, test on real: classifier `reader` trained its own way on these labeled uint8 digits, its
+    accuracy on the 10,000 real test digits. The judge's own kind is only fair for a set the judge did not build."""
+    classifier = train_reader(reader, images, labels, device)
     return judge_accuracy(classifier, mnist.test_images, mnist.test_labels, device)
 
 
@@ -1811,6 +1806,7 @@ def print_by_digit(title, rows, fmt):
 
 
 def evaluate(cfg, opts):
+    """FID, score and digit coverage of a generator; fidelity, diversity and near-copies; train-on-fake accuracy."""
     device = pick_device(cfg["device"])
     G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
     mnist = load_mnist(cfg["data_dir"])
@@ -1837,7 +1833,7 @@ def evaluate(cfg, opts):
     report_fidelity(to_uint8(fakes), asked, mnist, judge, device, real, os.path.join(cfg["output_dir"],
                                                                                   "nearest_neighbours.png"))
     if opts["n_train"]:
-        report_train_on_fake(G, cfg, opts["n_train"], mnist, judge, device)
+        report_train_on_fake(G, cfg, opts["n_train"], mnist, device)
 
 
 def report_fidelity(digits, asked, mnist, judge, device, real, path):
@@ -1868,16 +1864,13 @@ def report_fidelity(digits, asked, mnist, judge, device, real, path):
           f"for real test digits)")
 
 
-def report_train_on_fake(G, cfg, n_train, mnist, judge, device):
+def report_train_on_fake(G, cfg, n_train, mnist, device):
     """Train on n_train generated digits (drawn and labeled as `dataset` does), test on the real test digits:
     each outside reader (READERS, no part in building the set) trained on them, beside the same reader
     trained on the real training digits. Then how often that real-trained reader reads the generated digits
     as their label, and which real test digits each misreads."""
-    builder = get_builders(G, cfg, mnist, device)[1]
-    images, labels = labeled_fakes(G, n_train, cfg["noise_dim"], device,
-                                   cfg["seed"] + SEED_OFFSET_DATASET, cfg["dataset_noise"], judge,
-                                   cfg["dataset_filter"], builder, builder_agree(G, cfg),
-                                   center=cfg["dataset_center"])
+    images, labels = labeled_fakes(G, n_train, cfg, device, cfg["seed"] + SEED_OFFSET_DATASET,
+                                   get_builders(G, cfg, mnist, device))
     print(f"train on {n_train:,} generated digits ({dataset_source(G, cfg)}, noise std {cfg['dataset_noise']:g}), "
           f"test on the 10,000 real test digits; each reader had no part in building the set")
     print(f"{'reader':<10} {'trained on real':>15} {'on generated':>13} {'gap':>7} "
@@ -1903,33 +1896,6 @@ def die(message, code):
     """One clear line on stderr and an exit code, no traceback."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
-
-
-class Interrupted(BaseException):
-    """The first Ctrl-C or SIGTERM in `sample`, `evaluate` or `dataset` (training instead finishes its batch). A
-    BaseException, like KeyboardInterrupt: a library's `except Exception` must not swallow it (tqdm's, starting its
-    monitor thread, did when the signal came just then)."""
-
-
-@contextlib.contextmanager
-def stop_cleanly_on_signal(command):
-    """A command with no batch to finish stops at the first Ctrl-C or SIGTERM: Interrupted unwinds through
-    atomic_file (removing its temporary file) and the folder lock; then one line, exit 130 (143). Explicit
-    handlers, as in train(): a background process may start with SIGINT ignored. A second signal quits at once."""
-    def stop(signum, frame):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, quit_at_once)
-        raise Interrupted(signum)
-    old_handlers = [signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)]
-    try:
-        yield
-    except Interrupted as e:
-        print(f"\nInterrupted: {command} stopped; no file is left half-written (run the same command again to "
-              f"finish)", file=sys.stderr)
-        sys.exit(128 + e.args[0])
-    finally:
-        for s, h in zip((signal.SIGINT, signal.SIGTERM), old_handlers):
-            signal.signal(s, h)
 
 
 class Parser(argparse.ArgumentParser):
@@ -1995,7 +1961,7 @@ def parse_args(argv, extra=None, command="train"):
         epilog = ("The training hyperparameters apply too where they matter (--output_dir, --data_dir, --seed, "
                   "--device, ...): python dcgan_mnist.py --help lists them all.")
     parser = Parser(prog=prog, usage=f"{prog} [--name=value ...]", epilog=epilog, allow_abbrev=False,
-                    description=__doc__ if command == "train" else COMMANDS[command], argument_default=argparse.SUPPRESS,
+                    description=__doc__ if command == "train" else COMMANDS[command].__doc__, argument_default=argparse.SUPPRESS,
                     formatter_class=functools.partial(argparse.RawDescriptionHelpFormatter, max_help_position=32,
                                                       width=118))
     for name, (spec, meaning) in (extra or {}).items():
@@ -2015,38 +1981,23 @@ def parse_args(argv, extra=None, command="train"):
 
 def validate(cfg):
     """Check every setting before any work starts: one clear line and exit 2 for the first bad one."""
-    checks = [
-        ("batch_size", cfg["batch_size"] >= 1, "must be at least 1"),
-        ("noise_dim", cfg["noise_dim"] >= 1, "must be at least 1"),
-        ("ngf", cfg["ngf"] >= 1, "must be at least 1"),
-        ("ndf", cfg["ndf"] >= 1, "must be at least 1"),
-        ("lr_d", 0 < cfg["lr_d"] < math.inf, "must be a positive number"),
-        ("lr_g", 0 < cfg["lr_g"] < math.inf, "must be a positive number"),
-        ("betas", all(0 <= b < 1 for b in cfg["betas"]), "must be two numbers in [0, 1)"),
-        ("real_label", 0 < cfg["real_label"] <= 1, "must be in (0, 1]"),
-        ("g_steps", cfg["g_steps"] >= 1, "must be at least 1"),
-        ("ema_decay", 0 <= cfg["ema_decay"] < 1, "must be in [0, 1)"),
-        ("mode_seeking", 0 <= cfg["mode_seeking"] < math.inf, "must be 0 (off) or a positive number"),
-        ("epochs", cfg["epochs"] >= 1, "must be at least 1"),
-        ("early_stopping", cfg["early_stopping"] >= 1, "must be at least 1"),
-        ("min_delta", 0 <= cfg["min_delta"] < 1, "must be in [0, 1)"),
-        ("max_minutes", cfg["max_minutes"] >= 0, "must be 0 (no limit) or more"),
-        ("select_by", cfg["select_by"] in ("g_loss", "fid"), 'must be "g_loss" or "fid"'),
-        ("max_batches", cfg["max_batches"] >= 0, "must be 0 (whole epoch) or more"),
-        ("sample_every", cfg["sample_every"] >= 1, "must be at least 1"),
-        ("eval_every", cfg["eval_every"] >= 0, "must be 0 (never) or more"),
-        ("eval_samples", cfg["eval_samples"] >= 100, "must be at least 100"),
-        ("eval_draws", cfg["eval_draws"] >= 1, "must be at least 1"),
-        ("dataset_noise", 0 < cfg["dataset_noise"] < math.inf, "must be a positive number"),
-        ("dataset_filter", 0 <= cfg["dataset_filter"] < 1, "must be 0 (keep every digit) or a probability below 1"),
-        ("dataset_agree", 0 <= cfg["dataset_agree"] < 1, "must be 0 (the judge alone) or a probability below 1"),
-        ("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg["device"]) is not None,
-         'must be "auto", "cpu", "cuda", "cuda:N" or "mps"'),
-    ]
-    for name, ok, why in checks:
-        if not ok:
-            die(f"--{name}={cfg[name]!r} {why}", 2)
-    check_device(cfg["device"])
+    def check(names, ok, why):
+        for name in names.split():
+            if not ok(cfg[name]):
+                die(f"--{name}={cfg[name]!r} {why}", 2)
+    check("batch_size noise_dim ngf ndf g_steps epochs early_stopping sample_every eval_draws", lambda v: v >= 1,
+          "must be at least 1")
+    check("lr_d lr_g dataset_noise", lambda v: 0 < v < math.inf, "must be a positive number")
+    check("mode_seeking max_minutes max_batches eval_every", lambda v: 0 <= v < math.inf, "must be 0 (off) or more")
+    check("ema_decay min_delta dataset_filter dataset_agree", lambda v: 0 <= v < 1, "must be in [0, 1) (0: off)")
+    check("betas", lambda v: all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)")
+    check("real_label", lambda v: 0 < v <= 1, "must be in (0, 1]")
+    check("eval_samples", lambda v: v >= 100, "must be at least 100")
+    check("select_by", lambda v: v in ("g_loss", "fid"), 'must be "g_loss" or "fid"')
+    check("device", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), 'must be "auto", "cpu", "cuda", '
+          '"cuda:N" or "mps"')
+    if device_problem(cfg["device"]):
+        die(f"--device={cfg['device']} but {device_problem(cfg['device'])}", 2)
 
 
 def device_problem(device):
@@ -2058,11 +2009,6 @@ def device_problem(device):
     if device == "mps" and not torch.backends.mps.is_available():
         return "MPS is not available on this machine (try --device=cpu)"
     return None
-
-
-def check_device(device):
-    if device_problem(device):
-        die(f"--device={device} but {device_problem(device)}", 2)
 
 
 def check_folder(option, folder, create=True):
@@ -2141,10 +2087,7 @@ COMMAND_OPTIONS = {
         "measure": ((10000, 0, None), "precision, recall and near-copies of this many of the set's digits (0: skip)"),
     },
 }
-COMMANDS = {"train": "train the DCGAN (the default command)",
-            "sample": "draw digits: <output_dir>/fake_grid.png, and optionally PNGs and an interpolation",
-            "evaluate": "FID, score, digit coverage and train-on-fake accuracy of a generator",
-            "dataset": "write a labeled fake MNIST in MNIST's own files"}
+COMMANDS = {"train": train, "sample": sample, "evaluate": evaluate, "dataset": write_dataset}  # docstring: --help
 
 
 def command_options(command, options, cfg):
@@ -2165,7 +2108,7 @@ def main(argv):
     command, args = "train", argv
     if argv and not argv[0].startswith("-"):
         command, args = argv[0], argv[1:]
-    if command not in COMMAND_OPTIONS:
+    if command not in COMMANDS:
         die(f"unknown command {command!r}; use train (the default), sample, evaluate or dataset", 2)
     cfg, given, options = parse_args(args, COMMAND_OPTIONS[command], command)
     validate(cfg)
@@ -2182,12 +2125,14 @@ def main(argv):
             train(cfg, given)
         return
     opts = command_options(command, options, cfg)
-    with stop_cleanly_on_signal(command):
-        if command == "dataset":
-            with output_folder_lock(opts["dataset_dir"], "dataset", "dataset_dir"):
-                write_dataset(cfg, opts)
-        else:
-            {"sample": sample, "evaluate": evaluate}[command](cfg, opts)
+    lock = output_folder_lock(opts["dataset_dir"], "dataset", "dataset_dir") if command == "dataset" else None
+    try:
+        with on_stop_signals(interrupt), lock or contextlib.nullcontext():
+            COMMANDS[command](cfg, opts)
+    except Interrupted as e:
+        print(f"\nInterrupted: {command} stopped; no file is left half-written (run the same command again to "
+              f"finish)", file=sys.stderr)
+        sys.exit(128 + e.args[0])
 
 
 if __name__ == "__main__":

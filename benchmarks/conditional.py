@@ -67,7 +67,8 @@ def run(name, seed, epochs, data_dir, mnist, judge, device):
     G = dm.Generator(cfg["noise_dim"], dm.N_CLASSES).to(device)
     G.load_state_dict(torch.load(os.path.join(out, "last.ckpt"), map_location=device, weights_only=True)["G_ema"])
     G.eval()
-    images, labels = dm.labeled_fakes(G, 60000, cfg["noise_dim"], device, seed + dm.SEED_OFFSET_DATASET, 1.0)
+    images, labels = dm.labeled_fakes(G, 60000, dict(cfg, dataset_noise=1.0, dataset_filter=0.0), device,
+                                      seed + dm.SEED_OFFSET_DATASET)
     tstr = dm.train_on_fake_accuracy(images, labels, mnist, device)
     return {"fid": history["fid"][-1], "confidence": history["confidence"][-1],
             "label_accuracy": history["label_accuracy"][-1], "tstr": tstr, "minutes": minutes}

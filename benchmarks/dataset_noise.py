@@ -36,11 +36,13 @@ def main():
     real = dm.judge_accuracy(judge, mnist.test_images, mnist.test_labels, device)
     print(f"{args.ckpt}: train-on-real (the judge) {real:.2%}")
     filtered = args.filter.lower() in ("true", "1", "yes")
+    cfg = dict(dm.parse_args([])[0], dataset_agree=0.0)  # the judge alone filters here
     print(f"judge filter: {filtered}\n| noise std | draw | train-on-fake | gap (points) | judge reads the label |\n"
           "| --- | --- | --- | --- | --- |")
     for std, draw in ((float(s), d) for s in args.stds.split(",") for d in range(args.draws)):
         seed = dm.SEED + dm.SEED_OFFSET_DATASET + 100 * draw  # draw 0: the set `dataset` writes
-        images, labels = dm.labeled_fakes(G, args.n, dm.NOISE_DIM, device, seed, std, judge, filtered)
+        images, labels = dm.labeled_fakes(G, args.n, dict(cfg, dataset_noise=std, dataset_filter=0.5 * filtered), device, seed,
+                                          (judge, None))
         accuracy = dm.train_on_fake_accuracy(images, labels, mnist, device)
         with torch.no_grad():
             read = torch.cat([judge(dm.to_float(x.to(device))).argmax(1).cpu() for x in images.split(1000)])

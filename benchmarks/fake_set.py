@@ -84,8 +84,9 @@ def main():
                 for agree, center, seed in itertools.product(agrees, map(int, a.centers.split(",")),
                                                              map(int, a.seeds.split(","))):
                     t = time.time()
-                    images, labels = dm.labeled_fakes(G, a.n, dm.NOISE_DIM, device, seed + dm.SEED_OFFSET_DATASET,
-                                                      std, judge, filtered, builder, agree, center=bool(center))
+                    images, labels = dm.labeled_fakes(G, a.n, dict(dm.parse_args([])[0], dataset_noise=std,
+                                                      dataset_filter=filtered, dataset_agree=agree, dataset_center=bool(center)),
+                                                      device, seed + dm.SEED_OFFSET_DATASET, (judge, builder))
                     row = {"ckpt": ckpt, "std": std, "filter": filtered, "agree": agree, "center": center, "n": a.n,
                            "draw": seed, **score(images, labels, mnist, readers, device)}
                     row["seconds"] = round(time.time() - t)

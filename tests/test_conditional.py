@@ -341,7 +341,7 @@ def test_training_a_cached_classifier_says_how_long_it_takes(mnist, tmp_path, ca
 
 def test_outside_readers_are_other_families_than_the_judge():
     """The judge and the ResNet build the sets (labels, filter); the readers that measure them share neither
-    their layers nor their recipes (train_judge: 3 epochs of Adam at 1e-3, seed 0; the ResNet: 2 of AdamW)."""
+    their layers nor their recipes (the judge: 3 epochs of Adam at 1e-3, seed 0; the ResNet: 2 of AdamW)."""
     def layers(model):
         return [type(m) for m in model.modules() if not list(m.children())]
     assert "resnet" not in dm.READERS and layers(dm.resnet()) != layers(dm.Judge())
@@ -349,7 +349,7 @@ def test_outside_readers_are_other_families_than_the_judge():
     for name, reader in dm.READERS.items():
         optimizer = type(reader.optimizer(reader.build().parameters()))
         assert layers(reader.build()) != layers(dm.Judge()), name
-        assert (optimizer, reader.epochs, reader.shift) != (torch.optim.Adam, 3, 0), name  # train_judge's recipe
+        assert (optimizer, reader.epochs, reader.shift) != (torch.optim.Adam, 3, 0), name  # the judge's recipe
         assert layers(reader.build()) != layers(dm.resnet()) and reader.epochs != dm.BUILDER.epochs, name
         assert reader.file not in (dm.JUDGE_FILE, dm.BUILDER.file)
     assert any(nn.Conv2d not in [type(m) for m in r.build().modules()] for r in dm.READERS.values())  # no conv at all
@@ -383,7 +383,7 @@ def test_misread_by_digit_names_the_digit_a_training_set_lacks(mnist):
     """A classifier that never saw a 7 misreads every 7 of the real test set, and far fewer of the
     others. (That the counts add up to the accuracy: test_evaluate_reports_label_accuracy_and_train_on_fake.)"""
     keep = mnist.train_labels[:6000] != 7
-    no_sevens = dm.train_judge(mnist.train_images[:6000][keep], mnist.train_labels[:6000][keep], CPU, epochs=1)
+    no_sevens = dm.train_reader("judge", mnist.train_images[:6000][keep], mnist.train_labels[:6000][keep], CPU, epochs=1)
     misread = dm.misread_by_digit(no_sevens, mnist.test_images, mnist.test_labels, CPU)
     counts = torch.bincount(mnist.test_labels, minlength=10).tolist()
     assert misread[7] == counts[7]
@@ -434,7 +434,7 @@ def test_reported_label_agreement_is_the_real_trained_reader_reading_the_set(mni
         monkeypatch.setattr(dm, "labeled_fakes", lambda *a, **k: (images, shown))
         monkeypatch.setattr(dm, "train_reader", lambda name, x, y, device: dm.Judge().eval())  # skip training
         few_tests = mnist._replace(test_images=mnist.test_images[:500], test_labels=mnist.test_labels[:500])
-        dm.report_train_on_fake(G, cfg, len(images), few_tests, None, CPU)
+        dm.report_train_on_fake(G, cfg, len(images), few_tests, CPU)
         out = capsys.readouterr().out.splitlines()
         agreements.append([float(l.split()[-1].rstrip("%")) for l in out if l.split() and l.split()[0] in dm.READERS
                            and l.split()[1].endswith("%")])

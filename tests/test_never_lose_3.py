@@ -72,9 +72,9 @@ def test_the_judge_cache_is_keyed_by_its_training_data(judge_cache, mnist, tmp_p
     real_judge = dm.get_judge(cache, mnist, CPU)
     fake = dm.MNIST(mnist.test_images, (mnist.test_labels + 1) % 10, mnist.test_images, mnist.test_labels)
     trained = []
-    real_train = dm.train_judge
-    monkeypatch.setattr(dm, "train_judge", lambda x, y, device, **k: trained.append(len(x)) or real_train(
-        x[:2000], y[:2000], device, epochs=1))
+    real_train = dm.train_reader
+    monkeypatch.setattr(dm, "train_reader", lambda name, x, y, device, **k: trained.append(len(x)) or real_train(
+        name, x[:2000], y[:2000], device, epochs=1))
     fake_judge = dm.get_judge(cache, fake, CPU)  # other training data: a judge of its own, trained now
     assert trained == [10000] and dm.judge_path(cache, fake) != dm.judge_path(cache, mnist)
     assert len([f for f in os.listdir(cache) if f.startswith(dm.JUDGE_FILE)]) == 2

@@ -33,7 +33,7 @@ def test_strong_reader_recipe_reaches_99_4_percent(mnist, tmp_path):
 
 def test_judge_is_cached_and_retrained_only_when_unreadable(judge_cache, mnist, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(dm, "train_judge", lambda *a, **k: calls.append(1) or dm.Judge().eval())
+    monkeypatch.setattr(dm, "train_reader", lambda *a, **k: calls.append(1) or dm.Judge().eval())
     dm.get_judge(judge_cache, mnist, CPU)  # cached: loads, no training
     assert calls == []
     broken = tmp_path / "broken_cache"
