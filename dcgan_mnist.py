@@ -26,6 +26,7 @@ import difflib
 import errno
 import functools
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -697,7 +698,7 @@ Judging = namedtuple("Judging", "every select_by judge ref_stats floor")
 
 def fid_seconds(G, cfg, judging, device):
     """About how long an epoch's FID takes (EVAL_DRAWS draws of EVAL_SAMPLES digits, every EVAL_EVERY epochs), from
-    timing 1,000 digits (after 100 that warm up): on a GPU it is a large share of an epoch, and the forecast counts it."""
+    timing 1,000 digits (after 100 that warm up): on a GPU it is a large share of an epoch; the forecast counts it."""
     if not judging.every:
         return 0.0
     n = min(1000, cfg["eval_samples"])
@@ -1272,7 +1273,7 @@ def atomic_write(path, write, before_rename=None):
 def atomic_file(path, before_rename=None):
     """An open file for `path` that is really name.tmp.ext, renamed to `path` when the block ends (a large
     `dataset` streams into it). A write error is one line, exit 1; any end but success removes the temporary
-    file. before_rename(): runs on the complete file before it takes its name (`dataset` records its sha256)."""
+    file. before_rename(tmp): runs on the complete file before it takes its name (`dataset` records its sha256)."""
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{ext}"
     try:
@@ -1281,7 +1282,7 @@ def atomic_file(path, before_rename=None):
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave an empty file behind
         if before_rename:
-            before_rename()
+            before_rename(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -1302,10 +1303,12 @@ def atomic_save(obj, path):
 
 
 def save_training_state(path, gan, fixed_noise, state, cfg, given):
-    """Everything --resume needs: weights, optimizers, TrainState, random streams, settings (and which
-    of them were given on the command line)."""
+    """Everything --resume needs: weights, optimizers, TrainState, the random streams training draws from (torch's,
+    on the CPU and each GPU: nothing draws from Python's or numpy's), settings (and which were given on the command
+    line)."""
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     atomic_save({**{name: part.state_dict() for name, part in gan._asdict().items() if part is not None},
-                 "fixed_noise": fixed_noise, "state": asdict(state), "rng": rng_states(), "config": cfg,
+                 "fixed_noise": fixed_noise, "state": asdict(state), "rng": rng, "config": cfg,
                  "given": sorted(given)}, path)
 
 
@@ -1360,22 +1363,12 @@ def restore_training_state(saved, gan, cfg):
     for optimizer, lr in ((gan.D_optimizer, cfg["lr_d"]), (gan.G_optimizer, cfg["lr_g"])):
         for group in optimizer.param_groups:
             group["lr"], group["betas"] = lr, cfg["betas"]
-    set_rng_states(saved["rng"])
+    torch.set_rng_state(saved["rng"]["torch"].cpu())  # RNG states must be CPU tensors, whatever map_location did
+    if saved["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in saved["rng"]["cuda"]])
     state = TrainState(**saved["state"])
     state.history.setdefault("seconds", [math.nan] * len(state.history["epoch"]))  # saved before metrics.csv
     return state, saved["fixed_noise"]
-
-
-def rng_states():
-    """The random streams training draws from: torch's, on the CPU and each CUDA device (Python's and numpy's are
-    seeded by set_seed, but nothing here draws from them)."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(s):
-    torch.set_rng_state(s["torch"].cpu())  # RNG states must be CPU tensors, whatever map_location did
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t.cpu() for t in s["cuda"]])
 
 
 def load_checkpoint(path, device):
@@ -1503,14 +1496,9 @@ def save_interpolation(G, noise_dim, device, seed, path, rows=10, steps=10):
     ends = torch.randn(rows + 1, noise_dim, generator=torch.Generator().manual_seed(seed))
     ts = torch.linspace(0, 1, steps)
     z = torch.stack([slerp(ends[r], ends[r + 1], t) for r in range(rows) for t in ts]).view(-1, noise_dim, 1, 1)
-    y = None
-    if G.n_classes:
-        one_hot = torch.eye(G.n_classes)
-        k = G.n_classes
-        y = torch.stack([(1 - t) * one_hot[r % k] + t * one_hot[(r + 1) % k] for r in range(rows) for t in ts])
-    with torch.no_grad():
-        images = G(z.to(device), y.to(device) if y is not None else None)
-    save_grid(images, path, nrow=steps)
+    one_hot, k = torch.eye(N_CLASSES), N_CLASSES  # labels: an unconditional G ignores them
+    y = torch.stack([(1 - t) * one_hot[r % k] + t * one_hot[(r + 1) % k] for r in range(rows) for t in ts])
+    save_grid(generate(G, len(z), noise_dim, device, 0, y, noise=z), path, nrow=steps)
 
 
 # -----------------------------------------------------------------------------
@@ -1527,15 +1515,10 @@ def sample(cfg, opts):
     if digit is not None and not G.n_classes:
         die(f"--digit needs a conditional generator; {opts['ckpt']} is unconditional "
             f"(train one with --conditional=True)", 2)
-    if digit is not None:
-        grid, nrow = generate(G, 64, nd, device, cfg["seed"] + SEED_OFFSET_GRID, torch.full((64,), digit)), 8
-    elif G.n_classes:
-        k = G.n_classes  # row r = digit r
-        grid, nrow = generate(G, k * k, nd, device, cfg["seed"] + SEED_OFFSET_GRID, torch.arange(k * k) // k), k
-    else:
-        grid, nrow = generate(G, 64, nd, device, cfg["seed"] + SEED_OFFSET_GRID), 8
+    k = grid_size(G.n_classes and digit is None)
+    labels = torch.arange(k * k) // k if digit is None else torch.full((k * k,), digit)  # row r = digit r, or --digit
     grid_path = os.path.join(cfg["output_dir"], "fake_grid.png")
-    save_grid(grid, grid_path, nrow=nrow)
+    save_grid(generate(G, k * k, nd, device, cfg["seed"] + SEED_OFFSET_GRID, labels), grid_path, nrow=k)
     print(f"Wrote {grid_path}")
     if opts["interpolate"]:
         path = os.path.join(cfg["output_dir"], "interpolation.png")
@@ -1558,8 +1541,8 @@ def labeled_fakes(G, n, cfg, device, seed, builders=(None, None)):
     return torch.cat(images), torch.cat(labels)
 
 
-def labeled_fake_chunks(G, n, cfg, device, seed, builders=(None, None), tally=None, chunk=CHUNK):
-    """n generated digits (uint8) and their labels, `chunk` at a time from one random stream: the digits a conditional
+def labeled_fake_chunks(G, n, cfg, device, seed, builders=(None, None), tally=None):
+    """n generated digits (uint8) and their labels, CHUNK at a time from one random stream: the digits a conditional
     G was asked for (balanced, in shuffled order), or, for an unconditional G, the judge's reading of each (only as
     good as the judge). builders: get_builders(). DATASET_NOISE > 1 reaches the rarer digits at the edges of G's
     range: a classifier trained on the set then meets fewer surprises among real digits. DATASET_FILTER > 0: a
@@ -1569,8 +1552,8 @@ def labeled_fake_chunks(G, n, cfg, device, seed, builders=(None, None), tally=No
     digit centred as MNIST's are (center_digits)."""
     (judge, builder), gen, center = builders, rng(seed), cfg["dataset_center"]
     min_p, agree, std = cfg["dataset_filter"], builder_agree(G, cfg), cfg["dataset_noise"]
-    for start in range(0, n, chunk):
-        k = min(chunk, n - start)
+    for start in range(0, n, CHUNK):
+        k = min(CHUNK, n - start)
         if not G.n_classes:
             images = generate(G, k, cfg["noise_dim"], device, gen, noise_std=std)
             yield as_mnist(images, center), torch.from_numpy(judge_outputs(judge, images, device)[1].argmax(1))
@@ -1635,8 +1618,8 @@ def judge_filter(probs, asked, n, seed, min_p=0.5, second=None, agree=0.0, tally
 
 
 def write_dataset(cfg, opts):
-    """Write a labeled fake MNIST in MNIST's own files: DIR/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.
-    Never over real data: check_dataset_target runs first, and the files written are recorded (MANIFEST)."""
+    """Write a labeled fake MNIST in MNIST's own four files, to <dataset_dir>/MNIST/raw/. Never over real data:
+    not where --data_dir reads MNIST, nor over files it did not write itself (check_dataset_target, MANIFEST)."""
     raw = os.path.join(opts["dataset_dir"], "MNIST", "raw")
     check_dataset_target(raw, cfg["data_dir"], opts["dataset_dir"], opts["overwrite"])
     device = pick_device(cfg["device"])
@@ -1700,20 +1683,16 @@ def write_idx_split(raw, split, n, chunks):
     (header first, then rows: memory holds one chunk, not n digits); the labels (1 byte each) follow.
     Their sha256 goes into MANIFEST before each takes its name: the proof that `dataset` wrote them, so a later
     run may replace them, even after a Ctrl-C or a kill between two files."""
-    images_name, labels_name = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
-    digest, labels = hashlib.sha256(), []
-    with atomic_file(os.path.join(raw, images_name), lambda: record_written(raw, {images_name: digest.hexdigest()})) as f:
-        header = idx_header(2051, (n, 28, 28))
-        f.write(header)
-        digest.update(header)
+    images_name, labels_name, labels = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte", []
+    def record(name):  # what atomic_file runs on the complete temporary file, before it takes its name
+        return lambda tmp: record_written(raw, {name: file_sha256(tmp)})
+    with atomic_file(os.path.join(raw, images_name), record(images_name)) as f:
+        f.write(idx_header(2051, (n, 28, 28)))
         for images, y in chunks:
-            data = images.numpy().tobytes()
-            write_chunks(f, data)
-            digest.update(data)
+            write_chunks(f, images.numpy().tobytes())
             labels.append(y)
     data = idx_header(2049, (n,)) + torch.cat(labels).to(torch.uint8).numpy().tobytes()
-    atomic_write(os.path.join(raw, labels_name), lambda f: f.write(data),
-                 lambda: record_written(raw, {labels_name: hashlib.sha256(data).hexdigest()}))
+    atomic_write(os.path.join(raw, labels_name), lambda f: f.write(data), record(labels_name))
 
 
 MANIFEST = "written_by_dcgan_mnist.json"  # in a fake set's raw/ folder: the sha256 of each file `dataset` wrote
@@ -1913,9 +1892,9 @@ class Parser(argparse.ArgumentParser):
 BOOLS = {"true": True, "1": True, "false": False, "0": False}  # what a bool option takes
 
 
-def option_type(default):
-    """The command line's type for a constant: the constant's own; a bool takes True/False/1/0, a tuple (betas) a
-    Python tuple of as many numbers."""
+def option_type(default, low=None, high=None):
+    """The command line's type for an option: its default's own; a bool takes True/False/1/0, a tuple (betas) a Python
+    tuple of as many numbers. A command's whole numbers (default None: no value) must lie in [low, high or up]."""
     def parse(text):
         try:
             if isinstance(default, bool):
@@ -1925,27 +1904,22 @@ def option_type(default):
                 assert isinstance(value, tuple) and len(value) == len(default) and all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
                 return tuple(float(v) for v in value)
-            return type(default)(text)  # int("2.5") fails; float("3") is a fine float
+            value = (int if default is None else type(default))(text)  # int("2.5") fails; float("3") is a fine float
+            assert low is None or low <= value <= (math.inf if high is None else high)
+            return value
         except (KeyError, ValueError, SyntaxError, AssertionError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {type(default).__name__} (default: {default!r})")
+            kind = type(default).__name__ if low is None else f"whole number from {low} " + (
+                f"to {high}" if high else "up")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind} (default: {default!r})")
     return parse
 
 
-def whole_number(low, high):
-    def parse(text):
-        if not re.fullmatch(r"\d+", text) or int(text) < low or (high is not None and int(text) > high):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number from {low}"
-                                             + (f" to {high}" if high else " up"))
-        return int(text)
-    return parse
-
-
-def add_option(parser, name, default, meaning, kind=None):
+def add_option(parser, name, meaning, default, low=None, high=None):
     """--name value or --name=value; a bool's bare --name means True. The default appears in --help only: the
     parsed namespace holds what was given (argument_default=SUPPRESS), so a resumed run knows what was told."""
     switch = isinstance(default, bool)
     text = argparse.SUPPRESS if meaning is None else f"{meaning} (default: {default!r})".replace("%", "%%")  # % formats
-    parser.add_argument(f"--{name}", type=kind or option_type(default), nargs="?" if switch else None,
+    parser.add_argument(f"--{name}", type=option_type(default, low, high), nargs="?" if switch else None,
                         const=True if switch else None, help=text,
                         metavar="int" if default is None else type(default).__name__)
 
@@ -1961,15 +1935,15 @@ def parse_args(argv, extra=None, command="train"):
         epilog = ("The training hyperparameters apply too where they matter (--output_dir, --data_dir, --seed, "
                   "--device, ...): python dcgan_mnist.py --help lists them all.")
     parser = Parser(prog=prog, usage=f"{prog} [--name=value ...]", epilog=epilog, allow_abbrev=False,
-                    description=__doc__ if command == "train" else COMMANDS[command].__doc__, argument_default=argparse.SUPPRESS,
+                    description=__doc__ if command == "train" else inspect.getdoc(COMMANDS[command]),
+                    argument_default=argparse.SUPPRESS,
                     formatter_class=functools.partial(argparse.RawDescriptionHelpFormatter, max_help_position=32,
                                                       width=118))
-    for name, (spec, meaning) in (extra or {}).items():
-        default, kind = (spec[0], whole_number(*spec[1:])) if isinstance(spec, tuple) else (spec, None)
-        add_option(parser, name, default, meaning, kind)
+    for name, (spec, meaning) in (extra or {}).items():  # whole numbers: (default, smallest, largest or None)
+        add_option(parser, name, meaning, *(spec if isinstance(spec, tuple) else (spec,)))
     for name in CONFIG_NAMES:  # each constant of section 1, with the comment written beside it
         comment = re.search(rf"^{name} = .*?#\s*(.*)$", source, re.M)
-        add_option(parser, name.lower(), globals()[name], None if command != "train" else comment and comment[1])
+        add_option(parser, name.lower(), None if command != "train" else comment and comment[1], globals()[name])
     told = vars(parser.parse_args(argv))
     cfg = {name.lower(): globals()[name] for name in CONFIG_NAMES}
     given = {k for k in told if k in cfg}
