@@ -126,11 +126,11 @@ def test_a_float32_run_resumes_as_float16_with_fresh_scalers(float16, tmp_path, 
     assert "Epoch [2/2]" in result.stdout
 
 
-def test_the_gpu_check_runs_dry_on_the_cpu(judge_cache, tmp_path):
+def test_the_gpu_check_runs_dry_on_the_cpu(judge_cache, few_tests_dir, tmp_path):
     """benchmarks/gpu_check.py is ready for the first GPU lent: its every step runs here, tiny, with --dry, and
     leaves a summary of each."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--dry",
-                             f"--data_dir={DATA_DIR}", f"--cache_dir={judge_cache}", f"--out={tmp_path}"],
+                             f"--data_dir={few_tests_dir}", f"--cache_dir={judge_cache}", f"--out={tmp_path}"],
                             capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     out = result.stdout
