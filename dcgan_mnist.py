@@ -49,14 +49,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # 1. [DCGAN] Hyperparameters: edit here, or override any of them as --lowercase_name=value
 # data
-DATA_DIR = "MNIST/"     # torchvision reads (or downloads) <DATA_DIR>/MNIST/raw/
+DATA_DIR = "MNIST/"     # MNIST's four files are read from (or downloaded to) <DATA_DIR>/MNIST/raw/
 OUTPUT_DIR = "outputs"  # checkpoints, sample grids, plots
 BATCH_SIZE = 128        # images per training step
 MERGE_TEST = True       # train on train+test (70,000 digits); False: the 60,000 training digits only (honest FID)
@@ -146,7 +145,7 @@ RAW_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 
 
 def load_mnist(data_dir):
-    """The four MNIST files as an MNIST tuple, read (or downloaded) by torchvision."""
+    """The four MNIST files as an MNIST tuple, each checked first (torchvision downloads any that are missing)."""
     raw = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), "MNIST", "raw")
     present = [f for f in RAW_FILES if os.path.exists(os.path.join(raw, f))]
     for name in present:  # a damaged file is named, not mistaken for a missing one
@@ -155,12 +154,22 @@ def load_mnist(data_dir):
             die(f"{os.path.join(raw, name)} is damaged: {problem}. Delete it and torchvision will download "
                 f"it again (or put a good copy there)", 1)
     try:
-        splits = [torchvision.datasets.MNIST(data_dir, train=train, download=len(present) < 4)
-                  for train in (True, False)]
+        if len(present) < 4:
+            import torchvision  # only to download: importing it takes a second and a half
+            for train in (True, False):
+                torchvision.datasets.MNIST(data_dir, train=train, download=True)
     except Exception as e:  # offline, or the download failed
         die(f"MNIST is not in {raw} and could not be downloaded ({type(e).__name__}). "
             f"Put the four raw files {', '.join(RAW_FILES)} in {raw}/ (or pass --data_dir=<folder>)", 1)
-    return MNIST(splits[0].data, splits[0].targets, splits[1].data, splits[1].targets)
+    return MNIST(*(read_idx(os.path.join(raw, f)) for f in RAW_FILES))
+
+
+def read_idx(path):
+    """An IDX file is a header (images: 16 bytes, labels: 8), then one byte per pixel or label. Images come back
+    as uint8 (N, 28, 28), labels as int64 (N,)."""
+    images = "images" in os.path.basename(path)
+    data = torch.from_numpy(np.fromfile(path, np.uint8, offset=16 if images else 8))
+    return data.view(-1, 28, 28) if images else data.long()
 
 
 def to_float(images):
@@ -483,8 +492,6 @@ def train(cfg, given=()):
     amp = say_machine(device, cfg, given)  # the device, its precision (autocast dtype or None) and defaults
     data, judging, gan, fixed_noise, state = setup_training(cfg, given, saved, device)
     fid = fid_seconds(gan.G_ema, cfg, judging, device)  # what each epoch's FID adds to it (the forecast)
-    if device.type == "cuda" and amp == torch.bfloat16:
-        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls left (cuDNN convs use it already)
     start_time = time.time() - state.elapsed  # the time budget counts the earlier part of a resumed run
     n_batches = math.ceil(len(data.images) / cfg["batch_size"])
     n_batches = min(n_batches, cfg["max_batches"] or n_batches)
@@ -635,9 +642,11 @@ def settings_to_train(cfg, given):
 
 def say_machine(device, cfg, given):
     """Print the device, its precision and, on a new run, the GPU's defaults (main applied them where the command
-    line was silent). Returns the autocast dtype."""
+    line was silent). Returns the autocast dtype; on a bf16 GPU, float32 matmuls then use TF32."""
     amp, why = precision(device, cfg["amp"])
     print(f"Device: {device}; {why}", flush=True)
+    if device.type == "cuda" and amp == torch.bfloat16:
+        torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls left (cuDNN convs use it already)
     changed = [k for k in machine_defaults(device.type, capability(device)) if k not in given]
     cpu = {"ngf": NGF, "ndf": NDF, "epochs": EPOCHS, **(CONDITIONAL_DEFAULTS if cfg["conditional"] else {})}
     if changed and not cfg["resume"]:
@@ -1414,10 +1423,20 @@ def to_uint8(images):
     return ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
+def grid_image(images, nrow=8, pad=2):
+    """Images in [-1, 1] as one uint8 picture, nrow to a row, `pad` black pixels around each (torchvision's
+    make_grid, without importing torchvision: that takes longer than drawing)."""
+    digits, (h, w) = to_uint8(images.detach().cpu().float()).numpy(), images.shape[-2:]
+    grid = np.zeros((math.ceil(len(digits) / nrow) * (h + pad) + pad, nrow * (w + pad) + pad), np.uint8)
+    for i, digit in enumerate(digits):
+        top, left = pad + i // nrow * (h + pad), pad + i % nrow * (w + pad)
+        grid[top:top + h, left:left + w] = digit
+    return grid
+
+
 def save_grid(images, path, nrow=8):
     """A grid of images in [-1, 1] (8x8 by default)."""
-    images = images.detach().cpu().float()
-    atomic_write(path, lambda f: torchvision.utils.save_image((images + 1) / 2, f, nrow=nrow, format="png"))
+    atomic_write(path, lambda f: f.write(cv2.imencode(".png", grid_image(images, nrow))[1].tobytes()))
 
 
 def save_plots(history, fid_floor, path):
@@ -1465,8 +1484,7 @@ def save_progress_gif(grid_paths, path):
 def save_real_vs_fake(real, fake, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 5))
     for ax, images, title in ((axes[0], real, "real MNIST"), (axes[1], fake, "generated")):
-        grid = torchvision.utils.make_grid((images[:64].cpu().float() + 1) / 2, nrow=8)
-        ax.imshow(grid[0].numpy(), cmap="gray")
+        ax.imshow(grid_image(images[:64]), cmap="gray")
         ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()
