@@ -331,13 +331,6 @@ def G_train(fake, D, G_optimizer, amp=None, labels=None, mode_seeking=0.0, scale
     return loss.detach()
 
 
-def new_fake(G, n, noise_dim, amp, labels, device):
-    """A fresh fake batch, still carrying G's graph, for a further G step (G_STEPS > 1)."""
-    z = torch.randn(n, noise_dim, 1, 1, device=device)
-    with autocast(device.type, amp):
-        return G(z, labels)
-
-
 def pair_labels(labels):
     """The digits G draws for the mode-seeking term: the first half of the batch's labels, then again
     (fakes i and n - n//2 + i share a digit). Each half still follows the data's digit frequencies."""
@@ -360,8 +353,9 @@ def train_step(gan, cfg, amp, real, labels, ema_d):
     ############################
     g_loss = G_train(fake, gan.D, gan.G_optimizer, amp, fake_labels, mode_seeking, gan.G_scaler)
     for _ in range(cfg["g_steps"] - 1):  # more G steps, each on a new fake batch (the seed tutorial's remedy)
-        g_loss = G_train(new_fake(gan.G, len(real), cfg["noise_dim"], amp, fake_labels, real.device), gan.D,
-                         gan.G_optimizer, amp, fake_labels, mode_seeking, gan.G_scaler)
+        with autocast(real.device.type, amp):
+            fake = gan.G(torch.randn(len(real), cfg["noise_dim"], 1, 1, device=real.device), fake_labels)
+        g_loss = G_train(fake, gan.D, gan.G_optimizer, amp, fake_labels, mode_seeking, gan.G_scaler)
     ############################
     # (3) moving average of G: the generator we evaluate, sample and save
     ############################
@@ -600,7 +594,6 @@ def refresh_bn_stats(G_ema, noise_dim, device, seed, batch_size=256, batches=8):
         z = torch.randn(batch_size, noise_dim, 1, 1, generator=gen).to(device)
         G_ema(z, balanced_labels(batch_size, device) if G_ema.n_classes else None)
     G_ema.eval()
-
 
 
 def use_channels_last(device, channels_last, compile=False):
