@@ -1998,20 +1998,20 @@ def device_problem(device):
 
 
 def check_folder(option, folder, create=True):
-    """Create `folder` (or, with create=False, check that it could be) and prove we can write there,
-    before spending any time on work. A file in the way, or no permission: one line, exit 2."""
+    """Create `folder` and prove we can write there, before spending any time on work; with create=False (a folder
+    made only once needed: CACHE_DIR, DATA_DIR) check only that the part of its path that exists is a folder. A file
+    in the way, or no permission: one line, exit 2."""
+    nearest = os.path.abspath(folder)
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
     try:
-        if not create:  # e.g. CACHE_DIR, made only once a judge is trained
-            nearest = os.path.abspath(folder)
-            while not os.path.exists(nearest):  # the part of the path that exists must be a folder
-                nearest = os.path.dirname(nearest)
-            if not os.path.isdir(nearest):
-                raise NotADirectoryError(errno.ENOTDIR, f"{nearest} is a file")
-            return
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, ".write_test")
-        open(probe, "w").close()
-        os.remove(probe)
+        if not os.path.isdir(nearest):
+            raise NotADirectoryError(errno.ENOTDIR, f"{nearest} is a file")
+        if create:
+            os.makedirs(folder, exist_ok=True)
+            probe = os.path.join(folder, ".write_test")
+            open(probe, "w").close()
+            os.remove(probe)
     except OSError as e:
         die(f"--{option}={folder}: cannot write to this folder ({e.strerror or e})", 2)
 
