@@ -447,7 +447,8 @@ def end_of_epoch(state, gan, cfg, judging, n_batches, out):
     for name, total in zip(TRACKED, state.sums):
         history[name].append(total / state.next_batch)  # the batches trained (n_batches, or more after a resume)
     device = next(gan.G_ema.parameters()).device
-    refresh_bn_stats(gan.G_ema, cfg["noise_dim"], device, cfg["seed"] + SEED_OFFSET_BN_REFRESH, 2 * cfg["batch_size"])
+    seed, size = cfg["seed"] + SEED_OFFSET_BN_REFRESH, 2 * cfg["batch_size"]  # noise batches twice a training batch
+    refresh_bn_stats(gan.G_ema, cfg["noise_dim"], device, seed, size)  # the averaged G's own BatchNorm statistics
     metrics = {}
     if judging.every and state.epoch % judging.every == 0:
         metrics = measure(gan.G_ema, cfg, judging, device)
