@@ -1777,13 +1777,6 @@ def dataset_source(G, cfg):
     return "labels: the digits G was asked for" + kept + centred
 
 
-def train_on_fake_accuracy(images, labels, mnist, device, reader="judge"):
-    """Train on synthetic, test on real: classifier `reader` trained its own way on these labeled uint8 digits, its
-    accuracy on the 10,000 real test digits. The judge's own kind is only fair for a set the judge did not build."""
-    classifier = train_reader(reader, images, labels, device)
-    return judge_accuracy(classifier, mnist.test_images, mnist.test_labels, device)
-
-
 def fid_by_digit(feats, labels, ref_feats, ref_labels):
     """The FID of each digit's images against the real test images of that digit (judge features).
     One overall FID can hide a digit that comes out too uniform; this shows which one."""

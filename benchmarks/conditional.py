@@ -69,7 +69,7 @@ def run(name, seed, epochs, data_dir, mnist, judge, device):
     G.eval()
     images, labels = dm.labeled_fakes(G, 60000, dict(cfg, dataset_noise=1.0, dataset_filter=0.0), device,
                                       seed + dm.SEED_OFFSET_DATASET)
-    tstr = dm.train_on_fake_accuracy(images, labels, mnist, device)
+    tstr = dm.judge_accuracy(dm.train_reader("judge", images, labels, device), mnist.test_images, mnist.test_labels, device)
     return {"fid": history["fid"][-1], "confidence": history["confidence"][-1],
             "label_accuracy": history["label_accuracy"][-1], "tstr": tstr, "minutes": minutes}
 

@@ -7,7 +7,7 @@ Which noise std should `dataset` draw with? Train-on-fake accuracy of one genera
 For each std: 60,000 labeled digits drawn the way `dataset` draws them (dcgan_mnist.labeled_fakes: the
 asked-for digits of a conditional G, kept where the judge reads them unless --filter=False, the judge's
 reading for an unconditional one), a classifier of the judge's architecture trained on them the judge's
-way, and its accuracy on the 10,000 real test digits (dcgan_mnist.train_on_fake_accuracy). Also the
+way, and its accuracy on the 10,000 real test digits (dcgan_mnist.train_reader, judge_accuracy). Also the
 judge's label accuracy on the set (conditional G; 100% with the filter, unless G is too weak to fill it).
 """
 import argparse
@@ -43,7 +43,8 @@ def main():
         seed = dm.SEED + dm.SEED_OFFSET_DATASET + 100 * draw  # draw 0: the set `dataset` writes
         images, labels = dm.labeled_fakes(G, args.n, dict(cfg, dataset_noise=std, dataset_filter=0.5 * filtered), device, seed,
                                           (judge, None))
-        accuracy = dm.train_on_fake_accuracy(images, labels, mnist, device)
+        accuracy = dm.judge_accuracy(dm.train_reader("judge", images, labels, device), mnist.test_images,
+                                     mnist.test_labels, device)
         with torch.no_grad():
             read = torch.cat([judge(dm.to_float(x.to(device))).argmax(1).cpu() for x in images.split(1000)])
         print(f"| {std:g} | {draw} | {accuracy:.2%} | {100 * (accuracy - real):+.2f} | {(read == labels).float().mean():.2%} |",

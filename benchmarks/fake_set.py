@@ -51,7 +51,8 @@ def score(images, labels, mnist, readers, device):
     row = {}
     for name, on_real in readers.items():
         real_acc = dm.judge_accuracy(on_real, mnist.test_images, mnist.test_labels, device)
-        fake_acc = dm.train_on_fake_accuracy(images, labels, mnist, device, reader=name)
+        fake_acc = dm.judge_accuracy(dm.train_reader(name, images, labels, device), mnist.test_images,
+                                    mnist.test_labels, device)
         agree = dm.judge_accuracy(on_real, images, labels, device)
         row[name] = {"gap": round(100 * (fake_acc - real_acc), 2), "fake": fake_acc, "real": real_acc,
                      "labels": agree}
