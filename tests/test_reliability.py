@@ -10,7 +10,8 @@ import torch
 from conftest import (DATA_DIR, assert_one_line_error, dm, file_bytes, run_main, start_script, wait_for)
 
 # small, fast runs: 2 epochs of 20 batches of 32 images
-SMALL = ["--epochs=2", "--max_batches=20", "--batch_size=32", "--sample_every=1", f"--data_dir={DATA_DIR}"]
+SMALL = ["--epochs=2", "--max_batches=20", "--batch_size=32", "--sample_every=1", f"--data_dir={DATA_DIR}",
+         "--device=cpu"]  # on the CPU in this process too, like the runs that start_script interrupts
 
 
 def _weights(out):
