@@ -88,7 +88,7 @@ def test_cuda_graphs_only_on_cuda_and_never_with_grad_scalers_or_compile():
         cfg = config(**{"cuda_graphs": True, **options})
         return not isinstance(dm.training_step(gan, cfg, None, torch.device(device)), functools.partial)
     assert graphed() and not graphed("cpu") and not graphed("mps")
-    assert not dm.CUDA_GRAPHS and not graphed(cuda_graphs=False) and not graphed(compile=True)  # off until measured
+    assert dm.CUDA_GRAPHS and not graphed(cuda_graphs=False) and not graphed(compile=True)  # on: measured 4.3x faster
     assert not graphed(gan=gan._replace(G_scaler=torch.amp.GradScaler("cpu")))
 
 
