@@ -556,9 +556,9 @@ def capability(device):
 def machine_defaults(device_type, capability=(0, 0)):
     """GPU_DEFAULTS where a wider G and D cost little: CUDA GPUs with tensor cores (capability >= 7.0). On an H200
     a step costs the same 15 ms at any width kernel by kernel (launching kernels, not computing, sets its time), and
-    3.4 ms at G128/D128 replayed as a CUDA graph. For the older ones a
-    FLOP estimate: a T4 (65 TFLOP/s in float16) at a fifth of its peak trains an epoch of the wide recipe (222 GFLOP
-    a batch) in about 10 s. CPUs and Apple GPUs pay for every FLOP (4x the narrow G64/D32's): the narrow defaults."""
+    3.4 ms at G128/D128 replayed as a CUDA graph. For the older ones a FLOP estimate: a T4 (65 TFLOP/s in float16)
+    at a fifth of its peak trains an epoch of the wide recipe (222 GFLOP a batch) in about 10 s. CPUs and Apple
+    GPUs pay for every FLOP (4x the narrow G64/D32's): the narrow defaults."""
     return GPU_DEFAULTS if device_type == "cuda" and capability >= (7, 0) else {}
 
 
@@ -645,7 +645,8 @@ def say_machine(device, cfg, given):
     if device.type == "cuda" and amp == torch.bfloat16:
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls left (cuDNN convs use it already)
     changed = [k for k in machine_defaults(device.type, capability(device)) if k not in given]
-    cpu = {"ngf": NGF, "ndf": NDF, "epochs": EPOCHS, "early_stopping": EARLY_STOPPING, **(CONDITIONAL_DEFAULTS if cfg["conditional"] else {})}
+    cpu = {"ngf": NGF, "ndf": NDF, "epochs": EPOCHS, "early_stopping": EARLY_STOPPING,
+           **(CONDITIONAL_DEFAULTS if cfg["conditional"] else {})}
     if changed and not cfg["resume"]:
         print(f"GPU defaults: {', '.join(f'{k}={cfg[k]}' for k in changed)}: on a GPU a wider G and D cost no time "
               f"(a CPU's: {', '.join(f'{k}={cpu[k]}' for k in changed)}; --name=value chooses)", flush=True)
@@ -800,8 +801,8 @@ def interrupt(signum, frame):
 def training_step(gan, cfg, amp, device):
     """train_step for this run's models. On CUDA (CUDA_GRAPHS) recorded once as a CUDA graph and replayed: a step is
     ~200 small kernels, and launching them one by one costs more than running them (15 ms a batch at any width on
-    an H200); a replay launches them all at once (3.4 ms at G128/D128: 4.3x faster; the same G and D, bit for bit). Not with float16's GradScalers (they read the gradients on the
-    CPU) nor with COMPILE."""
+    an H200); a replay launches them all at once (3.4 ms at G128/D128, the same G and D bit for bit). Not with
+    float16's GradScalers (they read the gradients on the CPU) nor with COMPILE."""
     step = functools.partial(train_step, gan, cfg, amp)  # step(real, labels, ema_d)
     if device.type == "cuda" and cfg["cuda_graphs"] and gan.G_scaler is None and not cfg["compile"]:
         return cuda_graphed(step)

@@ -85,7 +85,8 @@ def start_suite(data, log):
     with open(log, "w") as f:
         process = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10", "-rfE"], cwd=ROOT,
-            stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "DCGAN_DATA_DIR": data, "OMP_NUM_THREADS": str(half)},
+            stdout=f, stderr=subprocess.STDOUT,
+            env={**os.environ, "DCGAN_DATA_DIR": data, "OMP_NUM_THREADS": str(half)},
             preexec_fn=(lambda: os.sched_setaffinity(0, cores[half:])) if half >= 4 else None)
     return process, log
 
