@@ -1673,8 +1673,9 @@ def record_fidelity(raw, k, mnist, judge, device):
     f = fidelity(torch.from_numpy(digits).view(k, 28, 28), mnist, judge, device)[0]
     record_written(raw, {}, fidelity={"digits": k, **f})
     print(f"Its first {k:,} training digits: precision {f['precision']:.1%}, recall {f['recall']:.1%}, near-copies "
-          f"{f['near_copies']:.1%}, median distance {f['median_distance']:.2f} (real test digits: {f['real_precision']:.1%}"
-          f", {f['real_recall']:.1%}, {f['real_near_copies']:.1%}, {f['real_median_distance']:.2f}; see {MANIFEST})")
+          f"{f['near_copies']:.1%}, median distance {f['median_distance']:.2f} (real test digits: "
+          f"{f['real_precision']:.1%}, {f['real_recall']:.1%}, {f['real_near_copies']:.1%}, "
+          f"{f['real_median_distance']:.2f}; see {MANIFEST})")
 
 
 def with_progress(chunks, n, desc, tally):
@@ -1816,7 +1817,7 @@ def evaluate(cfg, opts):
           f" {'confidence':>11}" + (f" {'labels':>8}" if G.n_classes else ""))
     for name, m in rows:
         print(f"{name:<44} {m['fid']:8.2f} {m['score']:6.2f} {m['min_share']:13.1%} {m['max_share']:10.1%}"
-              f" {m['confidence']:11.2%}" + (f" {m['label_accuracy']:8.2%}" if not math.isnan(m["label_accuracy"]) else ""))
+              f" {m['confidence']:11.2%}" + ("" if math.isnan(m["label_accuracy"]) else f" {m['label_accuracy']:8.2%}"))
     if G.n_classes:  # variety within each digit: the fakes asked for d against the real test d's
         (test_feats, _), (real_feats, _) = real
         print_by_digit("FID per digit (vs that digit's test images)", [
