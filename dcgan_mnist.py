@@ -645,8 +645,8 @@ def say_machine(device, cfg, given):
     if device.type == "cuda" and amp == torch.bfloat16:
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls left (cuDNN convs use it already)
     changed = [k for k in machine_defaults(device.type, capability(device)) if k not in given]
-    cpu = {"ngf": NGF, "ndf": NDF, "epochs": EPOCHS, "early_stopping": EARLY_STOPPING,
-           **(CONDITIONAL_DEFAULTS if cfg["conditional"] else {})}
+    cpu = {**{k: globals()[k.upper()] for k in changed},  # what a CPU run gets: the constants above,
+           **(CONDITIONAL_DEFAULTS if cfg["conditional"] else {})}  # or the conditional GAN's
     if changed and not cfg["resume"]:
         print(f"GPU defaults: {', '.join(f'{k}={cfg[k]}' for k in changed)}: on a GPU a wider G and D cost no time "
               f"(a CPU's: {', '.join(f'{k}={cpu[k]}' for k in changed)}; --name=value chooses)", flush=True)
