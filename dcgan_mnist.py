@@ -4,8 +4,7 @@ DCGAN on MNIST in one script: train a generator of handwritten digits, watch it 
     python dcgan_mnist.py                        # train (edit the constants below or pass --name=value)
     python dcgan_mnist.py sample --n=1000 --png_dir=fakes   # 8x8 grid + N separate PNGs for FID tools
     python dcgan_mnist.py evaluate               # FID / score / digit coverage / train-on-fake accuracy
-    python dcgan_mnist.py --conditional=True     # a conditional DCGAN: it draws the digit it is asked for
-    python dcgan_mnist.py sample --digit=7       # a grid of sevens (conditional); --interpolate: a walk
+    python dcgan_mnist.py --conditional=True     # a conditional DCGAN (sample --digit=7: a grid of sevens)
     python dcgan_mnist.py dataset --n=60000 --dataset_dir=fake_mnist   # a labeled fake MNIST, MNIST's files
     python dcgan_mnist.py --help                 # every hyperparameter with its default
 
@@ -13,7 +12,7 @@ Sections, in reading order. A first read: the [DCGAN] ones, 1-6, are the algorit
 loop (about 520 lines); 7-11 can be skipped.
    1. [DCGAN] hyperparameters                    7. [bookkeeping] what the loop calls: machines, Ctrl-C, printing
    2. [DCGAN] seeding and device                 8. [measuring] the quality judge (FID, score, digits, copies)
-   3. [DCGAN] data                               9. [files and safety] checkpoints, grids, plots
+   3. [DCGAN] data                               9. [files and safety] checkpoints, IDX files, plots
    4. [DCGAN] models (Discriminator, Generator) 10. [using G] sampling, evaluation, the fake dataset
    5. [DCGAN] training steps (D_train, G_train) 11. [command line] options (argparse), validation and main
    6. [DCGAN] the training loop (train_one_epoch, end_of_epoch, train)
@@ -75,8 +74,7 @@ MODE_SEEKING = 2.0      # conditional GAN only: reward G for two different digit
 # how long
 EPOCHS = 7              # passes over the data (one epoch = 70,000 images; 60,000 with MERGE_TEST=False)
 CONDITIONAL_DEFAULTS = {"g_steps": 1, "epochs": 10, "ndf": 64}  # a conditional GAN's, unless given (measured there)
-GPU_DEFAULTS = {"ngf": 128, "ndf": 128, "epochs": 20, "early_stopping": 10}  # a GPU's, unless given: there a wider
-# G and D cost no time, an epoch ~2 s; its FID plateaus noisily mid-run, then falls again (docs/results.md)
+GPU_DEFAULTS = {"ngf": 128, "ndf": 128, "epochs": 20, "early_stopping": 10}  # a GPU's, unless given: wide is free
 EARLY_STOPPING = 5      # stop once this many epochs have passed without improvement of SELECT_BY (when measured)
 MAX_MINUTES = 28.0      # stop before an epoch that would end past this budget (0 = no limit)
 MAX_BATCHES = 0         # 0 = whole epoch; N > 0 = at most N batches per epoch (smoke runs)
@@ -88,7 +86,7 @@ EVAL_EVERY = 1          # compute FID every N epochs (0 = never; smoke runs skip
 EVAL_SAMPLES = 10000    # generated images per FID evaluation (compared with the 10,000 test images)
 EVAL_DRAWS = 2          # FID = the mean of this many draws of EVAL_SAMPLES (one draw's FID moves by 3-10%)
 SAMPLE_EVERY = 1        # save an 8x8 grid of the fixed noise every N epochs (and after the last)
-CACHE_DIR = "~/.cache/dcgan_mnist"  # the judge classifier used for FID, trained once and reused
+CACHE_DIR = "~/.cache/dcgan_mnist"  # `evaluate`'s readers trained on real digits, once (the judge ships: judges/)
 # fake dataset
 DATASET_NOISE = 2.0     # noise std for `dataset` and train-on-fake (training uses 1): wider noise draws rarer digits
 DATASET_FILTER = 0.5    # conditional G: `dataset` draws 3x, keeps digits the judge reads as asked, p >= this (0: all)
@@ -97,7 +95,6 @@ DATASET_CENTER = True   # `dataset` moves each digit so that its centre of mass 
 # system
 SEED = 0                # seeds python, numpy and torch: the same seed gives the same run on CPU
 DEVICE = "auto"         # "auto" picks cuda, then mps, then cpu; or "cpu", "cuda", "cuda:1", "mps"
-COMPILE = False         # torch.compile G and D (fuses small GPU kernels; no gain on CPU; plain layout on CUDA)
 CUDA_GRAPHS = True      # CUDA: record the training step once, replay it (one launch, not hundreds): 4x faster, same G
 AMP = True              # bf16 autocast where the hardware does bf16 natively (CUDA; CPUs with AVX512-BF16/AMX)
 CHANNELS_LAST = True    # NHWC memory layout: faster convolutions on CPU (oneDNN) and tensor cores
@@ -270,15 +267,12 @@ def build_models(cfg, device):
     D = Discriminator(n_classes, cfg["ndf"]).to(device)
     G.apply(weights_init)
     D.apply(weights_init)
-    if use_channels_last(device, cfg["channels_last"], cfg["compile"]):
+    if use_channels_last(device, cfg["channels_last"]):
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)  # what we sample and checkpoint
     cuda = device.type == "cuda"  # one fused kernel for the whole Adam update; capturable: in a CUDA graph
     D_optimizer = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=cfg["betas"], fused=cuda, capturable=cuda)
     G_optimizer = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], betas=cfg["betas"], fused=cuda, capturable=cuda)
-    if cfg["compile"]:  # compiles in place: state_dict keys stay plain (no "_orig_mod.")
-        G.compile()
-        D.compile()
     float16 = precision(device, cfg["amp"])[0] == torch.float16
     G_scaler = torch.amp.GradScaler(device.type) if float16 else None  # one per player: each steps on its own
     D_scaler = torch.amp.GradScaler(device.type) if float16 else None
@@ -365,11 +359,9 @@ def train_step(gan, cfg, amp, real, labels, ema_d):
 
 
 def ema_decay(decay, step):
-    """The moving average's d at optimizer step `step`: min(decay, (1 + step) / (10 + step)), a warm-up, so that
-    the average does not drag the random initial weights along. It is a long one: d reaches 0.999 only at step
-    8,990 (16 epochs of 70,000 digits), so in a 7-epoch run the warm-up is the average. It weights step t of the s
-    so far about like (t/s)^8: roughly the last tenth of the run. Longer or shorter horizons scored about the
-    same (results.md)."""
+    """The moving average's d at optimizer step `step`: min(decay, (1 + step) / (10 + step)), a warm-up, so that the
+    average does not drag the random initial weights along. A long one (d reaches 0.999 at step 8,990): in a 7-epoch
+    run it weights step t of s about like (t/s)^8, roughly the run's last tenth (docs/results.md)."""
     return min(decay, (1 + step) / (10 + step))
 
 
@@ -403,15 +395,14 @@ class TrainState:
     history: dict = field(default_factory=lambda: {k: [] for k in METRICS_COLUMNS})  # per epoch (metrics.csv)
 
 
-def train_one_epoch(data, gan, state, cfg, amp, n_batches, on_timed=None):
+def train_one_epoch(data, step, state, cfg, n_batches):
     """The tutorial's batch loop, from state.next_batch to the end of the epoch (or a Ctrl-C).
-    on_timed(seconds per batch) is called once batches 10-30 of this call are timed (the forecast)."""
-    bs, device, first, timer = cfg["batch_size"], data.images.device, state.next_batch, None
+    step(real, labels, ema_d): one batch of the game (train_step, or on CUDA its CUDA graph: training_step)."""
+    bs, device = cfg["batch_size"], data.images.device
     if state.perm is None:  # a new shuffle each epoch (kept in last.ckpt for a resume)
         state.perm = torch.randperm(len(data.images))
     perm = state.perm.to(device)
     sums = torch.tensor(state.sums, device=device)  # summed on the device: see the sync note below
-    step = training_step(gan, cfg, amp, device)  # train_step, or on CUDA its CUDA graph
     bar = tqdm(range(state.next_batch, n_batches), desc=f"epoch {state.epoch}", initial=state.next_batch,
                total=n_batches, leave=False, disable=None)  # None: no bar where stderr is not a terminal (a log)
     for i in bar:
@@ -421,12 +412,8 @@ def train_one_epoch(data, gan, state, cfg, amp, n_batches, on_timed=None):
         sums += step(real, labels, ema_decay(cfg["ema_decay"], state.step))  # D step, G steps, moving average
         state.step += 1
         state.next_batch = i + 1
-        if i % 10 == 0 or i == n_batches - 1 or STOP["signal"] or (on_timed and i - first in (10, 30)):
+        if i % 10 == 0 or i == n_batches - 1 or STOP["signal"]:
             means = [s / (i + 1) for s in sums.tolist()]  # note: a CPU-GPU sync point, so not every batch
-            if on_timed and i - first == 10:  # batches 0-10 warm up (memory, oneDNN kernels): not timed
-                timer = time.time()
-            elif on_timed and i - first == 30:
-                on_timed((time.time() - timer) / 20)
             if not all(map(math.isfinite, means)):
                 bar.close()
                 die(f"the loss became {means[0] + means[1]} in epoch {state.epoch}, batch {i + 1}; stopped "
@@ -452,7 +439,7 @@ def end_of_epoch(state, gan, cfg, judging, n_batches, out):
     refresh_bn_stats(gan.G_ema, cfg["noise_dim"], device, seed, size)  # the averaged G's own BatchNorm statistics
     metrics = {}
     if judging.every and state.epoch % judging.every == 0:
-        metrics = measure(gan.G_ema, cfg, judging, device)
+        metrics = measure(gan.G_ema, cfg, judging, device)[0]
     for k in QUALITY_KEYS:
         history[k].append(metrics.get(k, math.nan))
     if metrics and metrics["fid"] < state.best_fid:
@@ -470,12 +457,10 @@ def end_of_epoch(state, gan, cfg, judging, n_batches, out):
 
 
 def improved(value, best, bad_epochs, epochs_since_last=1, min_delta=0.0):
-    """Early-stopping bookkeeping: (keep this epoch's G as G_model.ckpt, the value of the last improvement,
-    epochs without improvement). epochs_since_last: the epochs since the value was last measured (FID:
-    every EVAL_EVERY epochs). A value improves only if it is more than min_delta (a fraction) below the last
-    improvement, so a dip as large as the metric's noise cannot end a run by setting a mark that later
-    epochs cannot beat; an epoch within that margin is kept all the same: it has trained longer, and the
-    difference is noise."""
+    """Early-stopping bookkeeping: (keep this epoch's G as G_model.ckpt, the value of the last improvement, epochs
+    without improvement); epochs_since_last: epochs since the value was last measured. A value improves only if more
+    than min_delta (a fraction) below the last improvement: a dip of noise cannot set a mark no later epoch beats. An
+    epoch within that margin is kept all the same: it has trained longer, and the difference is noise."""
     if value < best * (1 - min_delta):
         return True, value, 0
     return value < best * (1 + min_delta), best, bad_epochs + epochs_since_last
@@ -496,9 +481,10 @@ def train(cfg, given=()):
     with stop_after_the_batch():  # Ctrl-C or SIGTERM: finish the batch, save, and say how to resume
         while reason is None and not STOP["signal"]:
             epoch_start = time.time()
-            on_timed = None if state.epoch > first_epoch else (  # the forecast, in the first epoch this run trains
-                lambda spb: forecast(spb, state, cfg, n_batches, time.time() - start_time, fid))
-            if not train_one_epoch(data, gan, state, cfg, amp, n_batches, on_timed):
+            step = training_step(gan, cfg, amp, device)  # D step, G steps, moving average (on CUDA: a CUDA graph)
+            if state.epoch == first_epoch:  # the forecast times the first epoch this run trains
+                step = timed(step, lambda spb: forecast(spb, state, cfg, n_batches, time.time() - start_time, fid))
+            if not train_one_epoch(data, step, state, cfg, n_batches):
                 break  # Ctrl-C inside the epoch: last.ckpt continues from the next batch
             metrics = end_of_epoch(state, gan, cfg, judging, n_batches, out)
             seconds = time.time() - epoch_start
@@ -523,11 +509,13 @@ def train(cfg, given=()):
 # 7. [bookkeeping] What the loop calls that a first read can skip: the precision and defaults each machine gets, the
 # averaged G's BatchNorm statistics, setting a run up and saying what to expect, Ctrl-C, the CUDA graph, what each
 # epoch prints and why training stops.
+Judging = namedtuple("Judging", "every select_by judge ref_stats floor")  # what FID needs (plan_evaluation)
+STOP = {"signal": None}  # set by the first Ctrl-C / SIGTERM; the loop stops after the current batch
+
+
 def choose_precision(device_type, capability=(0, 0), cpu_bf16=False, amp=True):
-    """(autocast dtype, or None for float32; why), from what the hardware computes natively. Mixed precision
-    halves the convolution work only where the units exist; emulated, it is slower than float32. So: bf16 on
-    GPUs of compute capability >= 8.0 and on CPUs with AVX512-BF16/AMX; float16 on older GPUs (T4, V100: tensor
-    cores for float16, none for bf16), with a gradient scaler; float32 on other CPUs and on Apple GPUs."""
+    """(autocast dtype or None for float32, why): bf16 where the hardware computes it (GPUs 8.0+, CPUs with AVX512-BF16
+    or AMX), float16 with a gradient scaler on older GPUs; else float32 (emulated, mixed precision is slower)."""
     if not amp:
         return None, "float32 (--amp=False)"
     if device_type == "cuda" and capability >= (8, 0):
@@ -554,18 +542,12 @@ def capability(device):
 
 
 def machine_defaults(device_type, capability=(0, 0)):
-    """GPU_DEFAULTS where a wider G and D cost little: CUDA GPUs with tensor cores (capability >= 7.0). On an H200
-    a step costs the same 15 ms at any width kernel by kernel (launching kernels, not computing, sets its time), and
-    3.4 ms at G128/D128 replayed as a CUDA graph. For the older ones a FLOP estimate: a T4 (65 TFLOP/s in float16)
-    at a fifth of its peak trains an epoch of the wide recipe (222 GFLOP a batch) in about 10 s. CPUs and Apple
-    GPUs pay for every FLOP (4x the narrow G64/D32's): the narrow defaults."""
+    """GPU_DEFAULTS on CUDA GPUs with tensor cores (7.0+): launches, not FLOPs, set a step's time (docs/results.md)."""
     return GPU_DEFAULTS if device_type == "cuda" and capability >= (7, 0) else {}
 
 
 def backward_and_step(loss, optimizer, scaler=None):
-    """loss.backward() and optimizer.step(). In float16, the GradScaler multiplies the loss so that small
-    gradients do not underflow to 0, divides them back before the step, and skips steps whose gradients
-    overflowed (its scale adapts). bf16 has float32's range and needs none."""
+    """loss.backward() and optimizer.step(); in float16 through the GradScaler (small gradients would underflow)."""
     if scaler is None:
         loss.backward()
         optimizer.step()
@@ -576,17 +558,14 @@ def backward_and_step(loss, optimizer, scaler=None):
 
 
 def autocast(device_type, dtype):
-    """Mixed precision in dtype (bf16 or float16); None: plain float32. On CUDA without autocast's cache of
-    cast weights: a recorded CUDA graph must cast them on every replay (CUDA_GRAPHS)."""
+    """Mixed precision in dtype (bf16, float16; None: float32); on CUDA no weight cache: a graph's replay casts anew."""
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype,
                                                                          cache_enabled=device_type != "cuda")
 
 
 @torch.no_grad()
 def refresh_bn_stats(G_ema, noise_dim, device, seed, batch_size=256, batches=8):
-    """The averaged G needs BatchNorm statistics of its own (G's running stats belong to other weights): reset them
-    and average over a few batches of noise, then switch back to eval mode. The loop's batches are twice its
-    training batches: 256 digits at BATCH_SIZE = 128, a second of an epoch on 2 CPU cores; less in a smoke run."""
+    """The averaged G's own BatchNorm statistics (G's belong to other weights): an average over batches of noise."""
     gen = torch.Generator().manual_seed(seed)
     for m in G_ema.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -599,38 +578,13 @@ def refresh_bn_stats(G_ema, noise_dim, device, seed, batch_size=256, batches=8):
     G_ema.eval()
 
 
-def use_channels_last(device, channels_last, compile=False):
-    """NHWC is oneDNN's and the tensor cores' native layout. Not on Apple GPUs: channels_last with
-    BatchNorm gives wrong results and wrong gradients on MPS (pytorch/pytorch #134580, #175189). Nor compiled
-    on CUDA: inductor's stride check fails in ConvTranspose2d's backward there (pytorch/pytorch#171622)."""
-    return channels_last and device.type in ("cpu", "cuda") and not (compile and device.type == "cuda")
-
-
-def mnist_files_present(data_dir):
-    raw = os.path.join(os.path.expanduser(data_dir), "MNIST", "raw")
-    return all(os.path.isfile(os.path.join(raw, f)) for f in RAW_FILES)
-
-
-def idx_file_problem(path):
-    """What is wrong with an MNIST IDX file (header, then its size), or None. Images: magic 2051, count,
-    rows, cols, then count*rows*cols bytes; labels: magic 2049, count, then count bytes (big-endian)."""
-    is_images = "images" in os.path.basename(path)
-    with open(path, "rb") as f:
-        header = f.read(16 if is_images else 8)
-    fields = [int.from_bytes(header[i:i + 4], "big") for i in range(0, len(header) - 3, 4)]
-    magic = 2051 if is_images else 2049
-    if len(fields) < (4 if is_images else 2) or fields[0] != magic:
-        return f"wrong header (expected the IDX magic number {magic}, found {fields[0] if fields else 'nothing'})"
-    expected = len(header) + math.prod(fields[1:])
-    found = os.path.getsize(path)
-    if found != expected:
-        return f"wrong size (its header says {fields[1]:,} items: expected {expected:,} bytes, found {found:,})"
-    return None
+def use_channels_last(device, channels_last):
+    """NHWC, oneDNN's and the tensor cores' layout; not on MPS, where BatchNorm goes wrong in it (pytorch#134580)."""
+    return channels_last and device.type in ("cpu", "cuda")
 
 
 def settings_to_train(cfg, given):
-    """(settings, names given, the saved training state or None). --resume: last.ckpt, checked before any work;
-    its settings, with what this command line changes; what the first run was told counts as told."""
+    """(settings, names given, saved state or None); --resume: last.ckpt's settings with this command line's changes."""
     if not cfg["resume"]:
         return cfg, given, None
     saved = read_training_state(os.path.join(cfg["output_dir"], "last.ckpt"))
@@ -638,15 +592,13 @@ def settings_to_train(cfg, given):
 
 
 def say_machine(device, cfg, given):
-    """Print the device, its precision and, on a new run, the GPU's defaults (main applied them where the command
-    line was silent). Returns the autocast dtype; on a bf16 GPU, float32 matmuls then use TF32."""
+    """Print the device, its precision and, on a new run, the GPU's defaults. Returns the autocast dtype."""
     amp, why = precision(device, cfg["amp"])
     print(f"Device: {device}; {why}", flush=True)
     if device.type == "cuda" and amp == torch.bfloat16:
         torch.set_float32_matmul_precision("high")  # TF32 for the float32 matmuls left (cuDNN convs use it already)
     changed = [k for k in machine_defaults(device.type, capability(device)) if k not in given]
-    cpu = {**{k: globals()[k.upper()] for k in changed},  # what a CPU run gets: the constants above,
-           **(CONDITIONAL_DEFAULTS if cfg["conditional"] else {})}  # or the conditional GAN's
+    cpu = {**{k: globals()[k.upper()] for k in changed}, **(CONDITIONAL_DEFAULTS if cfg["conditional"] else {})}
     if changed and not cfg["resume"]:
         print(f"GPU defaults: {', '.join(f'{k}={cfg[k]}' for k in changed)}: on a GPU a wider G and D cost no time "
               f"(a CPU's: {', '.join(f'{k}={cpu[k]}' for k in changed)}; --name=value chooses)", flush=True)
@@ -665,7 +617,6 @@ def interrupted(state, gan, fixed_noise, cfg, given, start_time):
 def setup_training(cfg, given, saved, device):
     """Everything train() needs, from scratch or from a read_training_state()."""
     os.makedirs(cfg["output_dir"], exist_ok=True)
-    last = os.path.join(cfg["output_dir"], "last.ckpt")
     mnist = load_mnist(cfg["data_dir"])
     if cfg["merge_test"]:  # the tutorial's 70,000 digits (uint8, kept on the device)
         data = Data(torch.cat([mnist.train_images, mnist.test_images]).to(device),
@@ -680,14 +631,13 @@ def setup_training(cfg, given, saved, device):
     state = TrainState()
     if saved is not None:
         state, fixed_noise = restore_training_state(saved, gan, cfg)
-        print(f"Resuming from {last} at epoch {state.epoch}"
+        print(f"Resuming from {os.path.join(cfg['output_dir'], 'last.ckpt')} at epoch {state.epoch}"
               + (f", batch {state.next_batch}" if state.next_batch else ""))
     return data, judging, gan, fixed_noise, state
 
 
 def plan_evaluation(cfg, given, mnist, device):
-    """FID every EVAL_EVERY epochs, except in smoke runs (MAX_BATCHES > 0) unless --eval_every is given.
-    Without FID, SELECT_BY can only be the loss. Either rule is announced once."""
+    """FID every EVAL_EVERY epochs, not in smoke runs unless --eval_every is given; without FID, SELECT_BY is g_loss."""
     every = cfg["eval_every"] if (cfg["max_batches"] == 0 or "eval_every" in given) else 0
     if cfg["eval_every"] and not every:
         print("Smoke run (--max_batches > 0): FID is skipped (pass --eval_every=1 to measure it)")
@@ -696,28 +646,14 @@ def plan_evaluation(cfg, given, mnist, device):
         print("Without FID, G_model.ckpt and early stopping follow g_loss (--select_by=fid needs FID)")
     if not every:
         return Judging(0, select_by, None, None, None)
-    judge = get_judge(cfg["cache_dir"], mnist, device)
+    judge = load_shipped("judge", device)
     return Judging(every, select_by, judge, *reference_stats(judge, mnist, device))
 
 
-Judging = namedtuple("Judging", "every select_by judge ref_stats floor")
-
-
-def fid_seconds(G, cfg, judging, device):
-    """About how long an epoch's FID takes (EVAL_DRAWS draws of EVAL_SAMPLES digits, every EVAL_EVERY epochs), from
-    timing 1,000 digits (after 100 that warm up): on a GPU it is a large share of an epoch; the forecast counts it."""
-    if not judging.every:
-        return 0.0
-    n = min(1000, cfg["eval_samples"])
-    for k in (100, n):  # the first call pays for warming up (memory, kernels)
-        start = time.time()
-        judge_outputs(judging.judge, generate(G, k, cfg["noise_dim"], device, seed=0), device)
-    return (time.time() - start) * cfg["eval_draws"] * cfg["eval_samples"] / n / judging.every
-
-
 def forecast(seconds_per_batch, state, cfg, n_batches, seconds_so_far, fid=0.0):
-    """What to expect, said once the first batches are timed: the length of an epoch (fid: seconds of its FID), and
-    how many of EPOCHS fit MAX_MINUTES (which stops before an epoch that would end past it; the current one ends)."""
+    """Once the first batches are timed: an epoch's length (with `fid` s of FID), how many of EPOCHS fit MAX_MINUTES."""
+    def span(seconds):  # '40 s' under two minutes (a GPU's epoch), else '2.0 min'
+        return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
     epoch = seconds_per_batch * n_batches + fid
     line = (f"Speed: {1 / seconds_per_batch:.2f} batches/s; an epoch ({n_batches} batches"
             + (f", then {fid:.0f} s of FID" if fid else "") + f") takes about {span(epoch)}, "
@@ -734,14 +670,8 @@ def forecast(seconds_per_batch, state, cfg, n_batches, seconds_so_far, fid=0.0):
     print(line, flush=True)
 
 
-def span(seconds):
-    """'40 s' under two minutes (a GPU's epoch), else '2.0 min'."""
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
 def resume_notice(state, cfg, n_batches):
-    """A resumed run says when its saved position does not fit this run's settings (never a silent "Done"):
-    "epochs" when every epoch is trained already, else None (train on)."""
+    """"epochs" when a resumed run has trained every epoch already (it says so: never a silent "Done"), else None."""
     if state.epoch > cfg["epochs"]:
         print(f"Nothing to train: the saved run has trained {state.epoch - 1} epochs, and --epochs={cfg['epochs']} "
               f"(pass a larger --epochs to train on)")
@@ -752,13 +682,9 @@ def resume_notice(state, cfg, n_batches):
     return None
 
 
-STOP = {"signal": None}  # set by the first Ctrl-C / SIGTERM; the loop stops after the current batch
-
-
 @contextlib.contextmanager
 def on_stop_signals(handler):
-    """handler for Ctrl-C and SIGTERM inside the block. Explicit: a background process may start with SIGINT
-    ignored, and SIGTERM never raises KeyboardInterrupt."""
+    """handler for Ctrl-C and SIGTERM inside the block (a background process may start with SIGINT ignored)."""
     old_handlers = [signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)]
     try:
         yield
@@ -777,8 +703,7 @@ def note_stop_signal(signum, frame):
     if STOP["signal"] is not None:
         quit_at_once(signum, frame)
     STOP["signal"] = signum
-    print("\nStopping after this batch and saving last.ckpt (press Ctrl-C again to quit at once) ...",
-          file=sys.stderr, flush=True)
+    print("\nStopping after this batch and saving last.ckpt (Ctrl-C again: quit now) ...", file=sys.stderr, flush=True)
 
 
 def quit_at_once(signum, frame):
@@ -787,9 +712,7 @@ def quit_at_once(signum, frame):
 
 
 class Interrupted(BaseException):
-    """The first Ctrl-C or SIGTERM in `sample`, `evaluate` or `dataset`: they have no batch to finish, and stop at
-    once, unwinding through atomic_file (which removes its temporary file) and the folder lock. A BaseException,
-    like KeyboardInterrupt: tqdm's `except Exception` swallowed it when the signal came as it started a thread."""
+    """The first Ctrl-C or SIGTERM in `sample`, `evaluate`, `dataset` (a BaseException: tqdm swallows Exceptions)."""
 
 
 def interrupt(signum, frame):
@@ -799,20 +722,32 @@ def interrupt(signum, frame):
 
 
 def training_step(gan, cfg, amp, device):
-    """train_step for this run's models. On CUDA (CUDA_GRAPHS) recorded once as a CUDA graph and replayed: a step is
-    ~200 small kernels, and launching them one by one costs more than running them (15 ms a batch at any width on
-    an H200); a replay launches them all at once (3.4 ms at G128/D128, the same G and D bit for bit). Not with
-    float16's GradScalers (they read the gradients on the CPU) nor with COMPILE."""
+    """train_step for these models; on CUDA (CUDA_GRAPHS, not with float16's GradScalers) replayed as a CUDA graph."""
     step = functools.partial(train_step, gan, cfg, amp)  # step(real, labels, ema_d)
-    if device.type == "cuda" and cfg["cuda_graphs"] and gan.G_scaler is None and not cfg["compile"]:
-        return cuda_graphed(step)
-    return step
+    return cuda_graphed(step) if device.type == "cuda" and cfg["cuda_graphs"] and gan.G_scaler is None else step
+
+
+def timed(step, on_timed, first=11, last=31):
+    """step, calling on_timed(seconds per batch) once calls `first` to `last` are timed (those before warm up)."""
+    calls, start = 0, 0.0
+
+    def run(*args):
+        nonlocal calls, start
+        result, calls = step(*args), calls + 1
+        if calls in (first, last):
+            result.tolist()
+            start, seconds = time.time(), time.time() - start
+            if calls == last:
+                on_timed(seconds / (last - first))
+        return result
+    return run
+
+
 
 
 def cuda_graphed(step, warmup=3):
-    """step(real, labels, ema_d), run `warmup` times as it is (on a side stream, as torch.cuda.graph asks: Adam
-    creates its state), then recorded once on fixed input tensors (torch.cuda.graph) and from then on replayed
-    with each batch copied into them. A batch of another size (an epoch's last) runs as it is."""
+    """step(real, labels, ema_d), run `warmup` times on a side stream (Adam makes its state), then recorded once on
+    fixed inputs and replayed with each batch copied in; a batch of another size (an epoch's last) runs as it is."""
     graph, inputs, output, calls, side = None, None, None, 0, None
 
     def run(real, labels, ema_d):
@@ -839,19 +774,6 @@ def cuda_graphed(step, warmup=3):
     return run
 
 
-def measure(G, cfg, judging, device):
-    """quality() of G, averaged over EVAL_DRAWS draws of EVAL_SAMPLES digits each. The FID of one draw of
-    10,000 digits moves by 3-10% between draws (docs/results.md), as much as G gains in its last epochs:
-    G_model.ckpt and early stopping follow the mean, whose noise is smaller by sqrt(EVAL_DRAWS)."""
-    asked = balanced_labels(cfg["eval_samples"]) if cfg["conditional"] else None
-    gen = rng(cfg["seed"] + SEED_OFFSET_EVAL)  # one stream for all draws: the first is the same every epoch
-    draws = []
-    for _ in range(cfg["eval_draws"]):
-        fakes = generate(G, cfg["eval_samples"], cfg["noise_dim"], device, seed=gen, labels=asked)
-        draws.append(quality(*judge_outputs(judging.judge, fakes, device), judging.ref_stats, asked))
-    return {k: float(np.mean([d[k] for d in draws])) for k in draws[0]}
-
-
 def epoch_line(state, cfg, metrics, judging, seconds):
     h = state.history
     line = (f"Epoch [{state.epoch}/{cfg['epochs']}]  D_loss: {h['d_loss'][-1]:.4f}  G_loss: {h['g_loss'][-1]:.4f}"
@@ -870,27 +792,8 @@ def stop_reason(state, cfg, seconds_so_far, epoch_seconds):
         return "early stopping"
     if state.epoch >= cfg["epochs"]:
         return "epochs"
-    if cfg["max_minutes"] and seconds_so_far + epoch_seconds > cfg["max_minutes"] * 60:
-        return "time budget"
-    return None
+    return "time budget" if cfg["max_minutes"] and seconds_so_far + epoch_seconds > cfg["max_minutes"] * 60 else None
 
-
-def grid_size(conditional):
-    """Progress grids are 8x8; a conditional G's are 10x10, row r = digit r."""
-    return N_CLASSES if conditional else 8
-
-
-def balanced_labels(n, device="cpu", start=0):
-    """0, 1, ..., 9, 0, 1, ...: each digit n/10 times (+-1). start: the labels from position start on."""
-    return (torch.arange(start, start + n) % N_CLASSES).to(device)
-
-
-def draw_fixed(G, fixed_noise):
-    """The progress grid's images: the fixed noise, and for a conditional G the digits row by row."""
-    n = len(fixed_noise)
-    labels = torch.arange(n) // grid_size(True) if G.n_classes else None
-    return generate(G, n, fixed_noise.shape[1], next(G.parameters()).device, seed=0, labels=labels,
-                    noise=fixed_noise)
 
 
 def finish(state, gan, cfg, judging, reason, data, fixed_noise, start_time):
@@ -911,21 +814,28 @@ def finish(state, gan, cfg, judging, reason, data, fixed_noise, start_time):
     print(f"Done in {(time.time() - start_time) / 60:.1f} min. Outputs in {out}/")
 
 
-def resume_command(argv):
-    """The command line that continues this run: the same options, with one --resume=True at the end (any
-    --resume dropped, with its value when given after a space: --resume true)."""
-    args = argv[1:]
-    drop = {i for i, a in enumerate(args) if re.fullmatch(r"--resume(=.*)?", a)}
-    drop |= {i + 1 for i in drop if args[i] == "--resume" and args[i + 1:i + 2] and args[i + 1].lower() in BOOLS}
-    return shlex.join(["python", os.path.basename(argv[0] or "dcgan_mnist.py"),
-                       *[a for i, a in enumerate(args) if i not in drop], "--resume=True"])
-
-
 # -----------------------------------------------------------------------------
-# 8. [measuring] Quality judge: a small LeNet trained on MNIST's training split. Its 128 penultimate features
-# give a Frechet distance between generated and real digits ("FID" with a LeNet instead of Inception), its
-# class probabilities give an Inception-style score (max 10) and which digits G draws (mode coverage).
-JUDGE_FILE = "judge_lenet_v1"  # bump the version when the judge changes: FIDs of two judges don't compare
+# 8. [measuring] The quality judge, a small LeNet trained on MNIST's 60,000 training digits: its 128 penultimate
+# features give a Frechet distance to real digits (FID, with a LeNet for Inception), its class probabilities a score
+# (max 10) and which digits G draws. It ships in judges/ (as `dataset`'s ResNet does), checked by its SHA-256: one
+# yardstick for every machine and data folder. benchmarks/build_judges.py rebuilds them (a new yardstick).
+SHIPPED = {"judge": "62da3279ebfa4baa526296574c31309d3e51b392d37fe54e320f5d08cce0d863",  # judges/<its file>.pt's
+           "resnet": "09db5bcd63846d74ed06c1e3f1400e0102939c3e64c6460bb396d0227e9dfe1b"}  # SHA-256
+
+
+def load_shipped(name, device):
+    """The shipped classifier `name`, float32, eval mode; a missing, damaged or altered file: one line, exit 1."""
+    path = shipped_path(name)
+    problem = "is missing" if not os.path.isfile(path) else (
+        None if file_sha256(path) == SHIPPED[name] else "is damaged or altered (not the SHA-256 this script expects)")
+    if problem:
+        die(f"{path} {problem}; restore it from the project (git checkout -- judges/, or copy its judges/ there)", 1)
+    model = CLASSIFIERS[name].build()
+    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    torch.backends.cudnn.allow_tf32 = False  # float32 is float32 on a GPU too: the same FIDs as on a CPU
+    print(f"Shipped {name}: judges/{os.path.basename(path)} (sha256 {SHIPPED[name][:12]})", flush=True)
+    return in_fast_layout(model.to(device).eval(), device)
 
 
 class Judge(nn.Module):
@@ -934,47 +844,22 @@ class Judge(nn.Module):
         self.features = nn.Sequential(
             nn.Conv2d(1, 32, 5), nn.ReLU(), nn.MaxPool2d(2),   # state size. (32) x 12 x 12
             nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2),  # state size. (64) x 4 x 4
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(),  # the 128 features used for FID
-        )
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU())  # the 128 features used for FID
+
         self.classify = nn.Linear(128, 10)
 
     def forward(self, x):
         return self.classify(self.features(x))
 
 
-def fit_classifier(model, opt, train_x, train_y, device, epochs, name, schedule=None, shift=0, say_time=False):
-    """Minibatches of 128 in a new random order each epoch, cross-entropy; the model in eval mode.
-    shift > 0: each digit moved by up to `shift` pixels each time it is seen (random_shift). say_time: one
-    line, after the first 20 batches, with roughly how long the whole training takes on this machine."""
-    start, steps = time.time(), epochs * math.ceil(len(train_x) / 128)
-    for epoch in range(epochs):
-        perm = torch.randperm(len(train_x))
-        for i, idx in enumerate(tqdm(perm.split(128), desc=f"{name} epoch {epoch + 1}/{epochs}", leave=False,
-                                     disable=None)):
-            x = to_float(train_x[idx].to(device))
-            loss = F.cross_entropy(model(random_shift(x, shift) if shift else x), train_y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if schedule:
-                schedule.step()
-            if say_time and epoch == 0 and i == 19:
-                print(f"  about {(time.time() - start) / 20 * steps / 60:.1f} min on this machine "
-                      f"({steps:,} batches of 128)", flush=True)
-    return model.eval()
-
-
 def random_shift(x, pixels):
-    """Each image of the batch moved by its own random whole-pixel offset (dy, dx) in [-pixels, pixels],
-    background (-1) coming in at the edges: a classifier learns that a digit is the same digit a little
-    off-centre (the classic MNIST augmentation)."""
+    """Each image moved by its own random whole-pixel offset in [-pixels, pixels] (the classic MNIST augmentation)."""
     dy, dx = torch.randint(-pixels, pixels + 1, (2, len(x)), device=x.device)
     return shift_images(x[:, 0], dy, dx, pixels, -1.0).unsqueeze(1)
 
 
 def shift_images(x, dy, dx, pixels, background):
-    """Images x (N, H, W), each moved up by dy[i] and left by dx[i] whole pixels (|d| <= pixels; negative:
-    down, right), the background value coming in at the edges."""
+    """Images x (N, H, W), each moved up by dy[i] and left by dx[i] pixels (|d| <= pixels), `background` coming in."""
     n, size = len(x), x.shape[-1]
     padded = F.pad(x, (pixels,) * 4, value=background)
     rows = (torch.arange(size, device=x.device) + pixels + dy[:, None])[:, :, None]  # (n, size, 1)
@@ -984,8 +869,7 @@ def shift_images(x, dy, dx, pixels, background):
 
 @torch.no_grad()
 def misread_by_digit(classifier, images, labels, device):
-    """How many of the labeled digits of each kind (0-9) the classifier reads wrong. On the real test
-    digits this shows where a fake training set falls short (e.g. a style of 7 that G never draws)."""
+    """How many digits of each kind (0-9) the classifier reads wrong: where a fake training set falls short."""
     read = torch.cat([classifier(to_float(x.to(device))).argmax(1).cpu() for x in images.split(1000)])
     return torch.bincount(labels[read != labels], minlength=N_CLASSES).tolist()
 
@@ -994,49 +878,40 @@ def judge_accuracy(judge, images, labels, device):
     return 1 - sum(misread_by_digit(judge, images, labels, device)) / len(images)
 
 
-def judge_path(cache_dir, mnist, name=JUDGE_FILE):
-    """Where the judge (or the reader `name`) trained on mnist's training digits is cached: the file name holds
-    a digest of those images and labels, so one trained on other digits (a fake set, say) is never used for these."""
+def reader_path(cache_dir, mnist, name):
+    """The reader's cache file, named by a digest of the digits it learned: a reader of other digits never serves."""
     digest = hashlib.sha256(mnist.train_images.numpy().tobytes())
     digest.update(mnist.train_labels.numpy().tobytes())
-    return os.path.join(os.path.expanduser(cache_dir), f"{name}_{digest.hexdigest()[:16]}.pt")
+    return os.path.join(os.path.expanduser(cache_dir), f"{CLASSIFIERS[name].file}_{digest.hexdigest()[:16]}.pt")
 
 
-def get_judge(cache_dir, mnist, device, reader="judge"):
-    """Load the classifier `reader` of CLASSIFIERS (the judge, or an outside reader) cached for these training digits,
-    or train it (once per data and cache folder) and cache it."""
-    r = CLASSIFIERS[reader]
-    path = judge_path(cache_dir, mnist, r.file)
-    judge = r.build().to(device)
-    try:
-        judge.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
-        return in_fast_layout(judge.eval(), device)
-    except Exception:  # missing or unreadable: train a new one
-        pass
-    what = r.about if reader == "judge" else f"the classifier {reader} ({r.about})"
-    print(f"Training {what} on these {len(mnist.train_images):,} training digits (once; cached in {path}) ...")
-    judge = train_reader(reader, mnist.train_images, mnist.train_labels, device, say_time=True)
-    accuracy = judge_accuracy(judge, mnist.test_images, mnist.test_labels, device)
+def get_reader(cache_dir, mnist, device, name):
+    """The outside reader `name` trained on these training digits: from the cache, or trained once and cached."""
+    r, path = CLASSIFIERS[name], reader_path(cache_dir, mnist, name)
+    reader = r.build().to(device)
+    with contextlib.suppress(Exception):  # missing or unreadable: train a new one
+        reader.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
+        return in_fast_layout(reader.eval(), device)
+    print(f"Training the classifier {name} ({r.epochs} epochs) on these {len(mnist.train_images):,} training digits "
+          f"(once; cached in {path}) ...")
+    reader = train_reader(name, mnist.train_images, mnist.train_labels, device, say_time=True)
+    accuracy = judge_accuracy(reader, mnist.test_images, mnist.test_labels, device)
     print(f"Its test accuracy: {accuracy:.2%}")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_save({"model": judge.state_dict(), "test_accuracy": accuracy}, path)
+        atomic_save({"model": reader.state_dict(), "test_accuracy": accuracy}, path)
     except OSError as e:
         print(f"warning: could not cache {path} ({e.strerror}); it will be retrained next time")
-    return in_fast_layout(judge, device)
+    return in_fast_layout(reader, device)
 
 
 def in_fast_layout(model, device):
-    """A trained classifier's weights in channels_last where that layout is fast: the judge then scores digits
-    about 1.8x faster on CPU (each epoch's FID, `dataset`, `evaluate`), with the same outputs up to float
-    rounding. Only after training: training in another layout would round differently, and train another judge."""
+    """A trained classifier in channels_last where that is fast (CPU: the judge 1.8x faster, the same outputs)."""
     return model.to(memory_format=torch.channels_last) if use_channels_last(device, True) else model
 
 
-# Outside readers: classifiers of other families than the judge, trained by other recipes. The judge labels an
-# unconditional G's fake set and picks which digits of a conditional one stay (DATASET_FILTER), so the judge's
-# own kind would score a set tuned to it. These three had no part in building any set: they measure train-on-fake
-# and read the fake labels; vgg is the strong one (99.4% on real digits), the kind that misses rare shapes.
+# Outside readers: other families than the judge's, other recipes. The judge labels or filters the fake sets, so its
+# own kind would score a set tuned to it; these three, no part in any set, measure train-on-fake and read its labels.
 def mlp():
     """No convolutions at all: every pixel is its own input, nothing is shared across positions."""
     return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
@@ -1044,8 +919,7 @@ def mlp():
 
 
 def all_conv():
-    """3x3 convolutions with BatchNorm, strides instead of pooling, global average pooling instead of LeNet's
-    fully connected features (Springenberg et al. 2015, "Striving for Simplicity")."""
+    """3x3 convolutions with BatchNorm, strides for pooling, global average pooling (Springenberg et al. 2015)."""
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(),    # state size. (32) x 28 x 28
         nn.Conv2d(32, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),   # state size. (32) x 14 x 14
@@ -1056,8 +930,7 @@ def all_conv():
 
 
 def vgg():
-    """Pairs of 3x3 convolutions with BatchNorm, max pooling after each pair (Simonyan & Zisserman's VGG at MNIST's
-    size), dropout: the CNN of many MNIST tutorials, and a strong reader, the kind that misses rare shapes."""
+    """Pairs of 3x3 convolutions with BatchNorm, max pooling, dropout: many MNIST tutorials' CNN; a strong reader."""
     def pair(c_in, c_out):
         return [nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
                 nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
@@ -1065,22 +938,17 @@ def vgg():
                          nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 7 * 7, 10))
 
 
-Reader = namedtuple("Reader", "build epochs optimizer about file shift seed decay", defaults=(0, 1, True))
+Reader = namedtuple("Reader", "build epochs optimizer file shift seed decay", defaults=(0, 1, True))
 # shift: random_shift's pixels; seed: its own (the judge's is 0); decay: the learning rate falls linearly to 0
 READERS = {  # name: a family unlike the judge's LeNet, and a recipe unlike the judge's (3 epochs of Adam 1e-3)
-    "mlp": Reader(mlp, 10, lambda p: torch.optim.Adam(p, lr=1e-3),
-                  "a 784-512-256-10 perceptron, 10 epochs of Adam", "reader_mlp_v1"),
-    "allconv": Reader(all_conv, 3, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True,
-                                                           weight_decay=5e-4),
-                      "an all-convolutional net with BatchNorm, 3 epochs of SGD", "reader_allconv_v1"),
-    "vgg": Reader(vgg, 3, lambda p: torch.optim.Adam(p, lr=1e-3),  # the strong reader: 99.4% on real digits
-                  "a VGG-style CNN, 3 epochs of Adam on digits shifted by up to 2 pixels", "reader_vgg_v1", 2),
-}
+    "mlp": Reader(mlp, 10, lambda p: torch.optim.Adam(p, lr=1e-3), "reader_mlp_v1"),
+    "allconv": Reader(all_conv, 3, lambda p: torch.optim.SGD(p, 0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+                      "reader_allconv_v1"),
+    "vgg": Reader(vgg, 3, lambda p: torch.optim.Adam(p, lr=1e-3), "reader_vgg_v1", 2)}  # the strong one: 99.4%
 
 
-# The second builder. A digit of a conditional G's set stays only if the judge and this classifier of another
-# family both read it as the digit asked for (DATASET_AGREE): two families seldom share a blind spot, so the
-# ambiguous digits that one lets through, the other mostly stops. Like the judge, it never measures a set.
+# The second builder: a conditional G's digit stays only if the judge and this other family both read it as asked
+# (DATASET_AGREE); the ambiguous digits one lets through, the other mostly stops. Like the judge, it measures no set.
 class ResidualBlock(nn.Module):
     """relu(x + two 3x3 convolutions of x): the skip connection of He et al. 2016 ("Deep Residual Learning")."""
     def __init__(self, channels):
@@ -1102,25 +970,42 @@ def resnet():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
 
 
-BUILDER = Reader(resnet, 2, lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=1e-2),
-                 "a small ResNet, 2 epochs of AdamW", "builder_resnet_v1")
-CLASSIFIERS = {  # every classifier train_reader trains, by name; the judge: 99.1% on the real test digits
-    "judge": Reader(Judge, 3, lambda p: torch.optim.Adam(p, lr=1e-3), "the FID judge (LeNet)", JUDGE_FILE, 0, 0, False),
+BUILDER = Reader(resnet, 2, lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=1e-2), "builder_resnet_v2")
+CLASSIFIERS = {  # every classifier train_reader trains, by name; the shipped judge: 99.0% on the real test digits
+    "judge": Reader(Judge, 3, lambda p: torch.optim.Adam(p, lr=1e-3), "judge_lenet_v2", 0, 0, False),
     **READERS, "resnet": BUILDER}
 
 
+def shipped_path(name):
+    """judges/<its file>.pt beside this script (a notebook cell, without __file__: beside the working folder)."""
+    here = os.path.dirname(os.path.abspath(globals().get("__file__", "dcgan_mnist.py")))
+    return os.path.join(here, "judges", f"{CLASSIFIERS[name].file}.pt")
+
+
 def train_reader(name, train_x, train_y, device, epochs=None, say_time=False):
-    """Classifier `name` of CLASSIFIERS trained its own way on these labeled uint8 digits: its optimizer for its
-    epochs (or `epochs`), from its own seed. The judge's test accuracy: 99.1%, in 30-110 s on 2 CPU cores."""
-    r = CLASSIFIERS[name]
+    """Classifier `name` of CLASSIFIERS trained its own way on these uint8 digits (say_time: a forecast at batch 20)."""
+    r, start = CLASSIFIERS[name], time.time()
     epochs = epochs or r.epochs
+    steps = epochs * math.ceil(len(train_x) / 128)
     with torch.random.fork_rng(devices=[]):  # own seed; leaves the GAN's random streams alone
         torch.manual_seed(r.seed)
         model = r.build().to(device)
         opt = r.optimizer(model.parameters())
-        steps = epochs * math.ceil(len(train_x) / 128)
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps) if r.decay else None
-        return fit_classifier(model, opt, train_x, train_y, device, epochs, name, schedule, r.shift, say_time)
+        for epoch in range(epochs):
+            perm = torch.randperm(len(train_x)).split(128)
+            for i, idx in enumerate(tqdm(perm, desc=f"{name} epoch {epoch + 1}/{epochs}", leave=False, disable=None)):
+                x = to_float(train_x[idx].to(device))
+                loss = F.cross_entropy(model(random_shift(x, r.shift) if r.shift else x), train_y[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if schedule:
+                    schedule.step()
+                if say_time and epoch == 0 and i == 19:
+                    print(f"  about {(time.time() - start) / 20 * steps / 60:.1f} min on this machine "
+                          f"({steps:,} batches of 128)", flush=True)
+    return model.eval()
 
 
 @torch.no_grad()
@@ -1131,19 +1016,19 @@ def class_probs(classifier, images, device):
 
 @torch.no_grad()
 def judge_outputs(judge, images, device):
-    """float images in [-1, 1] (any device) -> (features float64 (N, 128), class probabilities (N, 10))."""
+    """float images in [-1, 1] -> (features float64 (N, 128), class probabilities (N, 10)), float32 in any run."""
     feats, probs = [], []
     for x in images.split(1000):
-        f = judge.features(x.to(device).float())
+        with torch.autocast(device.type, enabled=False):
+            f = judge.features(x.to(device).float())
+            p = F.softmax(judge.classify(f), dim=1)
         feats.append(f.double().cpu())
-        probs.append(F.softmax(judge.classify(f), dim=1).double().cpu())
+        probs.append(p.double().cpu())
     return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64.
-    Tr((S1 S2)^(1/2)) = Tr((A S2 A)^(1/2)) with A = S1^(1/2); A S2 A is symmetric, so both square roots
-    come from symmetric eigendecompositions (stable, unlike a general sqrtm)."""
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, via symmetric eigendecompositions (stable)."""
     w, v = np.linalg.eigh(sigma1)
     a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(a @ sigma2 @ a), 0, None)).sum()
@@ -1155,9 +1040,8 @@ def feature_stats(feats):
 
 
 def quality(feats, probs, ref_stats, asked=None):
-    """FID against ref_stats, score = exp(E KL(p(y|x) || p(y))), the share of each predicted digit, the
-    judge's mean confidence (too high = digits more alike than real ones), and, given the digits G was
-    asked for, how often the judge reads them (label accuracy)."""
+    """FID against ref_stats, score = exp(E KL(p(y|x) || p(y))), each digit's share, the judge's mean confidence and,
+    given the digits asked for, how often the judge reads them (label accuracy)."""
     p_y = probs.mean(0)
     kl = (probs * (np.log(probs + 1e-12) - np.log(p_y + 1e-12))).sum(1)
     shares = np.bincount(probs.argmax(1), minlength=10) / len(probs)
@@ -1168,10 +1052,8 @@ def quality(feats, probs, ref_stats, asked=None):
 
 
 def distance_chunks(a, b, device, shift=None, chunk=500):
-    """|y|^2 - 2 x.y - shift(y) for the rows x of a (n, d) and y of b (m, d): the squared Euclidean distance less |x|^2,
-    which is the same for a whole row, so a row's order (nearest, k-th nearest) is the distances' own. One matrix
-    product with the add fused in (addmm) per `chunk` rows of a: memory holds chunk x m, never n x m. Yields
-    (this chunk's |x|^2, its rows)."""
+    """Yields (|x|^2, |y|^2 - 2 x.y - shift(y)) for `chunk` rows x of a at a time against all rows y of b: squared
+    distances less |x|^2 (a row's order is theirs), one addmm each; memory holds chunk x m, never n x m."""
     a, b = (torch.as_tensor(t).float().to(device) for t in (a, b))  # float32 first: Apple GPUs have no float64
     b2 = b.square().sum(1) - (0 if shift is None else shift.to(device))
     for x in a.split(chunk):
@@ -1179,9 +1061,8 @@ def distance_chunks(a, b, device, shift=None, chunk=500):
 
 
 def precision_recall(real, fake, device="cpu", k=3):
-    """Improved precision and recall (Kynkaanniemi et al. 2019) of two sets of features of the same size: each
-    digit's ball reaches its k-th nearest neighbour in its own set. Precision, fidelity: the share of fakes inside
-    some real digit's ball. Recall, diversity: the share of real digits inside some fake's ball. FID mixes the two."""
+    """Improved precision (fidelity) and recall (diversity), Kynkaanniemi et al. 2019: the share of fakes inside some
+    real digit's k-NN ball, and of real digits inside some fake's. FID mixes the two."""
     def inside(x, ref):  # |x - y|^2 <= radius(y)^2 for some y
         radii = torch.cat([x2 + d.kthvalue(k + 1, dim=1, keepdim=True).values  # k + 1: itself, at 0, comes first
                            for x2, d in distance_chunks(ref, ref, device)]).flatten()
@@ -1190,8 +1071,7 @@ def precision_recall(real, fake, device="cpu", k=3):
 
 
 def nearest_training(digits, train_digits, device="cpu"):
-    """Each uint8 digit's distance in pixels (0-1, 784 of them) to its nearest training digit, and that digit's
-    index, both centred by centre of mass first (center_digits, as MNIST's were): a copy moved by a pixel is a copy."""
+    """Each uint8 digit's pixel distance to its nearest training digit, and its index, both centred (center_digits)."""
     x, t = (center_digits(d).flatten(1).float() / 255 for d in (digits, train_digits))
     squared, indices = [], []
     for x2, d in distance_chunks(x, t, device):
@@ -1202,9 +1082,7 @@ def nearest_training(digits, train_digits, device="cpu"):
 
 
 def near_copies(digits, mnist, test_distances, device="cpu"):
-    """Each digit's nearest_training distance to the 70,000 MNIST digits (all G may have learned from) and that
-    digit's index; and the share of digits closer to one than 99% of the real test digits are to the 60,000
-    training digits (test_distances: nearest_training(test, train)): about 1% when G does not copy."""
+    """nearest_training to all 70,000 digits; the share closer than 99% of test digits are to training digits (~1%)."""
     dist, idx = nearest_training(digits, torch.cat([mnist.train_images, mnist.test_images]), device)
     return dist, idx, (dist < copy_threshold(test_distances)).float().mean().item()
 
@@ -1215,10 +1093,8 @@ def copy_threshold(test_distances):
 
 
 def fidelity(digits, mnist, judge, device, n=10000, real=None):
-    """Fidelity, diversity and near-copies of (the first n of) these uint8 digits, beside as many real test digits'
-    figures (the floor): precision_recall in the judge's features against as many real training digits, and
-    near_copies in pixels (10,000 digits: about 18 s on 2 CPU cores, in float32). Returns (the figures, what
-    nearest_neighbours.png shows). real: real_outputs(), if the caller has them (the same features)."""
+    """Precision, recall (judge features, against as many real training digits) and near-copies of the first n digits,
+    beside the real test digits' (the floor); real: real_outputs(), if at hand. Returns (figures, what is pictured)."""
     digits = digits[:n]
     features = lambda x: judge_outputs(judge, to_float(x[:len(digits)]), device)[0]  # noqa: E731
     train, test = (real[1][0], real[0][0]) if real else (features(mnist.train_images), features(mnist.test_images))
@@ -1240,23 +1116,19 @@ def real_outputs(judge, mnist, device):
 
 
 def reference_stats(judge, mnist, device, real=None):
-    """What FID compares with: the judge's feature statistics of the 10,000 test digits. And the floor:
-    the quality() of 10,000 real training digits against them (what a perfect generator would reach).
-    `real`: real_outputs() if the caller has them already."""
+    """What FID compares with (the judge's statistics of the test digits); the floor: 10,000 training digits' scores."""
     (test_feats, _), train_outputs = real or real_outputs(judge, mnist, device)
     ref_stats = feature_stats(test_feats)
     return ref_stats, quality(*train_outputs, ref_stats)
 
 
 def rng(seed):
-    """A random stream of its own (never the training's): a new one from an int seed, or the torch.Generator
-    given, which then continues where it stopped (so that a set drawn in chunks is one stream)."""
+    """A random stream of its own (never the training's): from an int seed, or the Generator given, continued."""
     return seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
 
 
 def generate(G, n, noise_dim, device, seed, labels=None, noise=None, noise_std=1.0, batch=1000):
-    """n images from G with noise from rng(seed), or the given `noise`. A conditional G draws `labels`
-    (default: each digit n/10 times, balanced_labels)."""
+    """n images from G with noise from rng(seed), or `noise`; a conditional G draws `labels` (balanced if None)."""
     if G.n_classes and labels is None:
         labels = balanced_labels(n)
     gen, images = rng(seed), []
@@ -1268,13 +1140,36 @@ def generate(G, n, noise_dim, device, seed, labels=None, noise=None, noise_std=1
     return torch.cat(images)
 
 
+def measure(G, cfg, judging, device):
+    """quality() of G, the mean of EVAL_DRAWS draws of EVAL_SAMPLES digits: the one FID that training and `evaluate`
+    print (its noise smaller by sqrt(EVAL_DRAWS)). Also returns the first draw's (images, judge features)."""
+    asked = balanced_labels(cfg["eval_samples"]) if G.n_classes else None
+    gen = rng(cfg["seed"] + SEED_OFFSET_EVAL)  # one stream for all draws: the first is the same every epoch
+    draws, first = [], None
+    for _ in range(cfg["eval_draws"]):
+        fakes = generate(G, cfg["eval_samples"], cfg["noise_dim"], device, seed=gen, labels=asked)
+        feats, probs = judge_outputs(judging.judge, fakes, device)
+        first = first or (fakes, feats)
+        draws.append(quality(feats, probs, judging.ref_stats, asked))
+    return {k: float(np.mean([d[k] for d in draws])) for k in draws[0]}, first
+
+
+def fid_seconds(G, cfg, judging, device):
+    """About how long each epoch's FID takes, timed on 1,000 digits: on a GPU it is a large share of an epoch."""
+    if not judging.every:
+        return 0.0
+    n = min(1000, cfg["eval_samples"])
+    for k in (100, n):  # the first call pays for warming up (memory, kernels)
+        start = time.time()
+        judge_outputs(judging.judge, generate(G, k, cfg["noise_dim"], device, seed=0), device)
+    return (time.time() - start) * cfg["eval_draws"] * cfg["eval_samples"] / n / judging.every
+
+
 # -----------------------------------------------------------------------------
 # 9. [files and safety] Files and pictures. Every checkpoint and image is written to a temporary name, then
 # renamed: a crash or Ctrl-C mid-write never leaves a truncated file under the real name (os.replace is atomic).
 def atomic_write(path, write, before_rename=None):
-    """write(buffer) serializes into memory; the bytes then go to `path` through atomic_file.
-    Serializing first means a full disk or a lost drive fails in one place, with its reason
-    ("No space left on device"): one line, exit 1, the temporary file removed, the old file intact."""
+    """write(buffer) serializes into memory, then atomic_file writes the bytes: a full disk fails in one place."""
     buffer = io.BytesIO()
     write(buffer)
     with atomic_file(path, before_rename) as f:
@@ -1283,9 +1178,8 @@ def atomic_write(path, write, before_rename=None):
 
 @contextlib.contextmanager
 def atomic_file(path, before_rename=None):
-    """An open file for `path` that is really name.tmp.ext, renamed to `path` when the block ends (a large
-    `dataset` streams into it). A write error is one line, exit 1; any end but success removes the temporary
-    file. before_rename(tmp): runs on the complete file before it takes its name (`dataset` records its sha256)."""
+    """A file that is really name.tmp.ext, renamed to `path` at the block's end (before that, before_rename(tmp)); a
+    write error: one line, exit 1; any other end removes it."""
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{ext}"
     try:
@@ -1315,9 +1209,7 @@ def atomic_save(obj, path):
 
 
 def save_training_state(path, gan, fixed_noise, state, cfg, given):
-    """Everything --resume needs: weights, optimizers, TrainState, the random streams training draws from (torch's,
-    on the CPU and each GPU: nothing draws from Python's or numpy's), settings (and which were given on the command
-    line)."""
+    """All --resume needs: weights, optimizers, TrainState, torch's random streams, settings and which were given."""
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     atomic_save({**{name: part.state_dict() for name, part in gan._asdict().items() if part is not None},
                  "fixed_noise": fixed_noise, "state": asdict(state), "rng": rng, "config": cfg,
@@ -1338,17 +1230,13 @@ def read_training_state(path):
     return saved
 
 
-TRAINING_STATE_PARTS = (*GAN._fields[:5], "fixed_noise", "state", "rng", "config", "given")  # last.ckpt's top
-# level; a float16 run's also has G_scaler and D_scaler (a run without them resumes with fresh ones)
-
-
-# They define what the saved weights and random streams mean: a resumed run cannot change them.
-FIXED_ON_RESUME = ("batch_size", "noise_dim", "ngf", "ndf", "seed", "conditional", "merge_test")
+TRAINING_STATE_PARTS = (*GAN._fields[:5], "fixed_noise", "state", "rng", "config", "given")  # float16: + scalers
+FIXED_ON_RESUME = ("batch_size", "noise_dim", "ngf", "ndf", "seed", "conditional", "merge_test")  # what the saved
+# weights and random streams mean: a resumed run cannot change them
 
 
 def resume_settings(cfg, given, saved_cfg):
-    """A resumed run keeps the saved run's settings, except those given on this command line: each
-    change is applied and printed ("lr_g: 0.0016 -> 0.0001"); FIXED_ON_RESUME ones must match (exit 2)."""
+    """A resumed run keeps the saved settings but those given now (each printed); FIXED_ON_RESUME ones must match."""
     merged = {**cfg, **{k: v for k, v in saved_cfg.items() if k in cfg}}
     merged.update(output_dir=cfg["output_dir"], resume=True)  # where the run is now
     if "device" not in given and device_problem(merged["device"]):  # the device belongs to the machine
@@ -1364,8 +1252,7 @@ def resume_settings(cfg, given, saved_cfg):
 
 
 def restore_training_state(saved, gan, cfg):
-    """Load a read_training_state() into the models; returns (TrainState, fixed noise).
-    The optimizers get cfg's learning rates and betas: a resumed run may change them."""
+    """Load a read_training_state() into the models; returns (TrainState, fixed noise). Optimizers take cfg's rates."""
     for name in [n for n in GAN._fields if getattr(gan, n) is not None and n in saved]:
         try:
             getattr(gan, name).load_state_dict(saved[name])
@@ -1384,8 +1271,7 @@ def restore_training_state(saved, gan, cfg):
 
 
 def load_checkpoint(path, device):
-    """torch.load with weights_only=True (a checkpoint from the internet cannot run code) and
-    map_location (a GPU checkpoint loads on a CPU). Problems exit 1 with one clear line."""
+    """torch.load with weights_only=True (a foreign file cannot run code), onto `device`; problems: one line, exit 1."""
     if not os.path.isfile(path):
         die(f"{path}: no such checkpoint file", 1)
     try:
@@ -1397,8 +1283,7 @@ def load_checkpoint(path, device):
 
 
 def load_generator(path, noise_dim, device):
-    """A G_model.ckpt-style state_dict. Its first layer tells what G it is: a conditional G takes
-    noise_dim + 10 input channels (the one-hot label), an unconditional one noise_dim; it has ngf * 4 outputs."""
+    """A G_model.ckpt-style state_dict; its first layer tells the G: noise_dim (+ 10 if conditional) in, ngf * 4 out."""
     state = load_checkpoint(path, device)
     shape = tuple(state.get("main.0.weight", torch.empty(0)).shape) if isinstance(state, dict) else ()
     conditional = shape[:1] == (noise_dim + N_CLASSES,)
@@ -1416,6 +1301,22 @@ def load_generator(path, noise_dim, device):
     return G.eval()
 
 
+def idx_file_problem(path):
+    """What is wrong with an MNIST IDX file, or None: a big-endian header (magic 2051/2049, sizes), then the bytes."""
+    is_images = "images" in os.path.basename(path)
+    with open(path, "rb") as f:
+        header = f.read(16 if is_images else 8)
+    fields = [int.from_bytes(header[i:i + 4], "big") for i in range(0, len(header) - 3, 4)]
+    magic = 2051 if is_images else 2049
+    if len(fields) < (4 if is_images else 2) or fields[0] != magic:
+        return f"wrong header (expected the IDX magic number {magic}, found {fields[0] if fields else 'nothing'})"
+    expected = len(header) + math.prod(fields[1:])
+    found = os.path.getsize(path)
+    if found != expected:
+        return f"wrong size (its header says {fields[1]:,} items: expected {expected:,} bytes, found {found:,})"
+    return None
+
+
 def idx_header(magic, shape):
     """The start of an IDX file, as MNIST's own files are: big-endian magic, each dimension; uint8 data follows."""
     return magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in shape)
@@ -1427,8 +1328,7 @@ def to_uint8(images):
 
 
 def grid_image(images, nrow=8, pad=2):
-    """Images in [-1, 1] as one uint8 picture, nrow to a row, `pad` black pixels around each (torchvision's
-    make_grid, without importing torchvision: that takes longer than drawing)."""
+    """Images in [-1, 1] as one uint8 picture, nrow to a row, `pad` black pixels apart (torchvision's make_grid)."""
     digits, (h, w) = to_uint8(images.detach().cpu().float()).numpy(), images.shape[-2:]
     grid = np.zeros((math.ceil(len(digits) / nrow) * (h + pad) + pad, nrow * (w + pad) + pad), np.uint8)
     for i, digit in enumerate(digits):
@@ -1446,11 +1346,8 @@ def save_plots(history, fid_floor, path):
     """D and G loss and D(x), D(G(z)) per epoch; under them FID (with the real-data floor) when measured."""
     has_fid = not all(math.isnan(v) for v in history["fid"])
     fig, axes = plt.subplots(2 if has_fid else 1, 1, figsize=(8, 7 if has_fid else 4), squeeze=False)
-    ax = axes[0, 0]
     for key, label in (("d_loss", "D loss"), ("g_loss", "G loss"), ("d_x", "D(x)"), ("d_g_z", "D(G(z))")):
-        ax.plot(history["epoch"], history[key], label=label, ls="-" if "loss" in key else ":")
-    ax.set_xlabel("epoch")
-    ax.legend()
+        axes[0, 0].plot(history["epoch"], history[key], label=label, ls="-" if "loss" in key else ":")
     if has_fid:
         ax = axes[1, 0]
         ax.plot(history["epoch"], history["fid"], "o-", label="FID (LeNet features) of G")
@@ -1460,6 +1357,7 @@ def save_plots(history, fid_floor, path):
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 40 rather than 4x10^1
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
+    for ax in axes[:, 0]:
         ax.set_xlabel("epoch")
         ax.legend()
     fig.tight_layout()
@@ -1468,9 +1366,7 @@ def save_plots(history, fid_floor, path):
 
 
 def save_metrics(history, path):
-    """metrics.csv, one row per trained epoch (blank: not measured that epoch). Rewritten whole from the
-    history that last.ckpt keeps, so a resumed run neither repeats nor loses a row, even where an epoch was
-    interrupted and trained again."""
+    """metrics.csv, a row per trained epoch, rewritten from last.ckpt's history: a resume repeats or loses no row."""
     rows = [",".join(METRICS_COLUMNS)] + [
         ",".join("" if math.isnan(history[k][i]) else f"{history[k][i]:.6g}" for k in METRICS_COLUMNS)
         for i in range(len(history["epoch"]))]
@@ -1496,8 +1392,7 @@ def save_real_vs_fake(real, fake, path):
 
 
 def save_pngs(images, folder, labels=None, first=0):
-    """Each image in [-1, 1] as a 28x28 grayscale PNG, NNNNNN.png (numbered from `first`); with labels, in
-    the ImageFolder layout folder/<digit>/NNNNNN.png that torchvision.datasets.ImageFolder reads."""
+    """Each image as a 28x28 grayscale NNNNNN.png (from `first`); with labels in ImageFolder's <digit>/ folders."""
     for i, img in enumerate(to_uint8(images).numpy(), start=first):
         sub = os.path.join(folder, str(int(labels[i - first]))) if labels is not None else folder
         os.makedirs(sub, exist_ok=True)
@@ -1505,15 +1400,13 @@ def save_pngs(images, folder, labels=None, first=0):
 
 
 def slerp(a, b, t):
-    """Spherical interpolation from a to b: it keeps to the shell where Gaussian noise vectors live (a
-    straight line between two of them passes through unusually short vectors, which G rarely saw)."""
+    """Spherical interpolation: it keeps to the shell where Gaussian noise lives (a straight line cuts inside it)."""
     omega = torch.acos((a / a.norm() * b / b.norm()).sum().clamp(-1, 1))
     return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
 
 
 def save_interpolation(G, noise_dim, device, seed, path, rows=10, steps=10):
-    """Row r walks from noise vector r to noise vector r + 1; for a conditional G also from digit r to
-    digit r + 1 (the one-hot label blended linearly): what moving through the noise means to G."""
+    """Row r walks from noise r to noise r + 1 (a conditional G also from digit r to digit r + 1, labels blended)."""
     ends = torch.randn(rows + 1, noise_dim, generator=torch.Generator().manual_seed(seed))
     ts = torch.linspace(0, 1, steps)
     z = torch.stack([slerp(ends[r], ends[r + 1], t) for r in range(rows) for t in ts]).view(-1, noise_dim, 1, 1)
@@ -1525,17 +1418,33 @@ def save_interpolation(G, noise_dim, device, seed, path, rows=10, steps=10):
 # -----------------------------------------------------------------------------
 # 10. [using G] Sampling (load the generator like any plain state_dict), evaluation and the fake dataset
 CHUNK = 10000  # `dataset` and `sample --png_dir` draw and write this many digits at a time (bounded memory)
+MANIFEST = "written_by_dcgan_mnist.json"  # in a fake set's raw/ folder: the sha256 of each file `dataset` wrote
+
+
+def grid_size(conditional):
+    """Progress grids are 8x8; a conditional G's are 10x10, row r = digit r."""
+    return N_CLASSES if conditional else 8
+
+
+def balanced_labels(n, device="cpu", start=0):
+    """0, 1, ..., 9, 0, 1, ...: each digit n/10 times (+-1). start: the labels from position start on."""
+    return (torch.arange(start, start + n) % N_CLASSES).to(device)
+
+
+def draw_fixed(G, fixed_noise):
+    """The progress grid's images: the fixed noise, and for a conditional G the digits row by row."""
+    n = len(fixed_noise)
+    labels = torch.arange(n) // grid_size(True) if G.n_classes else None
+    return generate(G, n, fixed_noise.shape[1], next(G.parameters()).device, seed=0, labels=labels, noise=fixed_noise)
 
 
 def sample(cfg, opts):
-    """Draw digits: <output_dir>/fake_grid.png (8x8; a conditional G's 10x10, row r = digit r; 8x8 of one --digit),
-    and if asked PNGs and an interpolation."""
+    """fake_grid.png (8x8; a conditional G's 10x10, row r = digit r; 8x8 of one --digit); if asked PNGs and a walk."""
     device = pick_device(cfg["device"])
     G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
     digit, nd = opts["digit"], cfg["noise_dim"]
     if digit is not None and not G.n_classes:
-        die(f"--digit needs a conditional generator; {opts['ckpt']} is unconditional "
-            f"(train one with --conditional=True)", 2)
+        die(f"--digit needs a conditional generator; {opts['ckpt']} is unconditional (--conditional=True makes one)", 2)
     k = grid_size(G.n_classes and digit is None)
     labels = torch.arange(k * k) // k if digit is None else torch.full((k * k,), digit)  # row r = digit r, or --digit
     grid_path = os.path.join(cfg["output_dir"], "fake_grid.png")
@@ -1563,21 +1472,16 @@ def labeled_fakes(G, n, cfg, device, seed, builders=(None, None)):
 
 
 def labeled_fake_chunks(G, n, cfg, device, seed, builders=(None, None), tally=None):
-    """n generated digits (uint8) and their labels, CHUNK at a time from one random stream: the digits a conditional
-    G was asked for (balanced, in shuffled order), or, for an unconditional G, the judge's reading of each (only as
-    good as the judge). builders: get_builders(). DATASET_NOISE > 1 reaches the rarer digits at the edges of G's
-    range: a classifier trained on the set then meets fewer surprises among real digits. DATASET_FILTER > 0: a
-    conditional G draws 3x and keeps 1/3 (a tenth of each digit), those the judge (and with DATASET_AGREE the second
-    builder, of another family) reads as the digit asked for (judge_filter): wide noise also draws digits that no
-    longer look like their label, which teach a classifier wrong. tally: see judge_filter. DATASET_CENTER: each
-    digit centred as MNIST's are (center_digits)."""
-    (judge, builder), gen, center = builders, rng(seed), cfg["dataset_center"]
+    """n digits (uint8) and labels, CHUNK at a time from one stream: a conditional G's as asked (balanced, shuffled), an
+    unconditional G's as the judge reads them; noise std DATASET_NOISE; DATASET_FILTER: judge_filter; DATASET_CENTER."""
+    (judge, builder), gen = builders, rng(seed)
+    centred = center_digits if cfg["dataset_center"] else (lambda digits: digits)  # as MNIST's digits are
     min_p, agree, std = cfg["dataset_filter"], builder_agree(G, cfg), cfg["dataset_noise"]
     for start in range(0, n, CHUNK):
         k = min(CHUNK, n - start)
         if not G.n_classes:
             images = generate(G, k, cfg["noise_dim"], device, gen, noise_std=std)
-            yield as_mnist(images, center), torch.from_numpy(judge_outputs(judge, images, device)[1].argmax(1))
+            yield centred(to_uint8(images)), torch.from_numpy(judge_outputs(judge, images, device)[1].argmax(1))
             continue
         draws = 3 * k if min_p else k
         asked = balanced_labels(draws)[torch.randperm(draws, generator=gen)]
@@ -1586,19 +1490,11 @@ def labeled_fake_chunks(G, n, cfg, device, seed, builders=(None, None), tally=No
             second = class_probs(builder, images, device) if agree else None
             keep = judge_filter(judge_outputs(judge, images, device)[1], asked, k, gen, min_p, second, agree, tally)
             images, asked = images[keep], asked[keep]
-        yield as_mnist(images, center), asked
-
-
-def as_mnist(images, center):
-    """G's images in [-1, 1] -> MNIST's uint8 digits, centred by center_digits if asked."""
-    return center_digits(to_uint8(images)) if center else to_uint8(images)
+        yield centred(to_uint8(images)), asked
 
 
 def center_digits(digits):
-    """uint8 digits (N, 28, 28), each moved by whole pixels so that its centre of mass falls on pixel (14, 14),
-    as MNIST's were: "centered in a 28x28 image by computing the center of mass of the pixels" (LeCun et al.;
-    their mean is at 14.00, 14.01, each within half a pixel). G's wander (0.7 pixel, sd), and a classifier that
-    sees each pixel apart, like the mlp reader, learns on them positions that real digits do not take."""
+    """uint8 digits (N, 28, 28), each moved so that its centre of mass falls on (14, 14), as MNIST's (LeCun et al.)."""
     x, coords = digits.float(), torch.arange(28.0)
     mass = x.sum((1, 2)).clamp(min=1)  # a blank image stays where it is
     dy = ((x.sum(2) @ coords) / mass - 14).round().long().clamp(-7, 7)
@@ -1613,15 +1509,8 @@ def read_as_asked(probs, asked, min_p):
 
 
 def judge_filter(probs, asked, n, seed, min_p=0.5, second=None, agree=0.0, tally=None):
-    """Indices of n of the drawn digits, each digit n/10 times (+-1): first those the judge reads as the
-    digit asked for with probability >= min_p, and the second builder (probabilities `second`, if given) with
-    probability >= agree, at random among them (keeping G's variety, not only its clearest digits); only if
-    too few of a digit pass, the ones the judge finds likeliest to be it (a weak G still gives n).
-    Why two builders: a stricter judge alone (min_p 0.999) also gives labels that other classifiers agree
-    with, but it drops the hard, correct digits near its own decision boundaries, and train-on-fake falls
-    further behind; a second family drops mostly the ambiguous ones (docs/results.md, "The fake MNIST").
-    tally (a Counter, if given) adds up the digits drawn, those each builder turned away, and those kept
-    although they did not pass ("short")."""
+    """Indices of n drawn digits, each digit n/10 times (+-1): at random among those the judge (p >= min_p) and the
+    second builder (p >= agree) read as asked; if too few pass, the likeliest. tally: drawn, turned away, unpassed."""
     p_asked = torch.from_numpy(probs)[torch.arange(len(asked)), asked]
     judge_ok = read_as_asked(probs, asked, min_p)
     second_ok = read_as_asked(second, asked, agree) if second is not None else torch.ones_like(judge_ok)
@@ -1639,15 +1528,14 @@ def judge_filter(probs, asked, n, seed, min_p=0.5, second=None, agree=0.0, tally
 
 
 def write_dataset(cfg, opts):
-    """Write a labeled fake MNIST in MNIST's own four files, to <dataset_dir>/MNIST/raw/. Never over real data:
-    not where --data_dir reads MNIST, nor over files it did not write itself (check_dataset_target, MANIFEST)."""
+    """A labeled fake MNIST (MNIST's four files) in <dataset_dir>/MNIST/raw/, never over real data (see below)."""
     raw = os.path.join(opts["dataset_dir"], "MNIST", "raw")
     check_dataset_target(raw, cfg["data_dir"], opts["dataset_dir"], opts["overwrite"])
     device = pick_device(cfg["device"])
     G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
-    needs_mnist = not G.n_classes or cfg["dataset_filter"] or (opts["measure"] and mnist_files_present(cfg["data_dir"]))
-    mnist = load_mnist(cfg["data_dir"]) if needs_mnist else None
-    builders = get_builders(G, cfg, mnist, device)  # (the judge, the second builder), where needed
+    present = [os.path.isfile(os.path.join(os.path.expanduser(cfg["data_dir"]), "MNIST", "raw", f)) for f in RAW_FILES]
+    mnist = load_mnist(cfg["data_dir"]) if opts["measure"] and all(present) else None  # to measure it (no download)
+    builders = get_builders(G, cfg, device)  # (the judge, the second builder), where needed
     os.makedirs(raw, exist_ok=True)
     tally = Counter()
     for split, n, offset in (("train", opts["n"], 0), ("t10k", opts["n_test"], 1)):
@@ -1663,12 +1551,11 @@ def write_dataset(cfg, opts):
     elif 0 < k <= 3:
         print("(precision, recall and near-copies not measured: they need more than 3 digits)")
     elif k:
-        record_fidelity(raw, k, mnist, builders[0] or get_judge(cfg["cache_dir"], mnist, device), device)
+        record_fidelity(raw, k, mnist, builders[0] or load_shipped("judge", device), device)
 
 
 def record_fidelity(raw, k, mnist, judge, device):
-    """fidelity() of the set as written (its first k training digits, read back from the file), into MANIFEST and
-    one closing line."""
+    """fidelity() of the set's first k training digits, read back from the file: into MANIFEST, and one line."""
     digits = np.fromfile(os.path.join(raw, "train-images-idx3-ubyte"), np.uint8, count=k * 784, offset=16)
     f = fidelity(torch.from_numpy(digits).view(k, 28, 28), mnist, judge, device)[0]
     record_written(raw, {}, fidelity={"digits": k, **f})
@@ -1695,16 +1582,12 @@ def turned_away(tally):
     line = f"Of {d:,} digits drawn, the judge turned away {tally['judge']:,} ({tally['judge'] / d:.0%})"
     line += f", the ResNet {tally['resnet']:,} ({tally['resnet'] / d:.0%})" if tally["resnet"] else ""
     if tally["short"]:
-        line += (f"; {tally['short']:,} digits kept did not pass (too few of their digit did: a weak G; "
-                 f"train it longer)")
+        line += f"; {tally['short']:,} digits kept did not pass (too few of their digit did: a weak G; train it longer)"
     return line
 
 
 def write_idx_split(raw, split, n, chunks):
-    """One split's two IDX files from (images, labels) chunks. The images are streamed to disk as they come
-    (header first, then rows: memory holds one chunk, not n digits); the labels (1 byte each) follow.
-    Their sha256 goes into MANIFEST before each takes its name: the proof that `dataset` wrote them, so a later
-    run may replace them, even after a Ctrl-C or a kill between two files."""
+    """One split's two IDX files, the images streamed; each file's sha256 into MANIFEST before it takes its name."""
     images_name, labels_name, labels = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte", []
     def record(name):  # what atomic_file runs on the complete temporary file, before it takes its name
         return lambda tmp: record_written(raw, {name: file_sha256(tmp)})
@@ -1715,9 +1598,6 @@ def write_idx_split(raw, split, n, chunks):
             labels.append(y)
     data = idx_header(2049, (n,)) + torch.cat(labels).to(torch.uint8).numpy().tobytes()
     atomic_write(os.path.join(raw, labels_name), lambda f: f.write(data), record(labels_name))
-
-
-MANIFEST = "written_by_dcgan_mnist.json"  # in a fake set's raw/ folder: the sha256 of each file `dataset` wrote
 
 
 def record_written(raw, digests, **measured):
@@ -1745,8 +1625,7 @@ def file_sha256(path):
 
 
 def check_dataset_target(raw, data_dir, dataset_dir, overwrite):
-    """`dataset` never writes where this run reads MNIST, and replaces MNIST files only if it wrote them
-    itself (their sha256 in MANIFEST) or --overwrite=True: the real MNIST is never lost to a typo."""
+    """`dataset` writes neither where --data_dir reads nor over MNIST files it did not write, but with --overwrite."""
     data_raw = os.path.join(os.path.expanduser(data_dir), "MNIST", "raw")
     if os.path.realpath(raw) == os.path.realpath(data_raw):
         die(f"--dataset_dir={dataset_dir} is the folder this run reads MNIST from (--data_dir={data_dir}); "
@@ -1764,15 +1643,11 @@ def builder_agree(G, cfg):
     return cfg["dataset_agree"] if G.n_classes and cfg["dataset_filter"] else 0.0
 
 
-def get_builders(G, cfg, mnist, device):
-    """The classifiers that build G's set: the judge (an unconditional G's labels, or the filter), and the
-    second builder where DATASET_AGREE applies; None where not needed (no MNIST read, nothing trained)."""
+def get_builders(G, cfg, device, judge=None):
+    """(the judge, the ResNet): the shipped classifiers that build G's set, each where needed (else None)."""
     needs_judge = not G.n_classes or cfg["dataset_filter"]  # for the labels, or for the filter
-    if not needs_judge:
-        return None, None
-    mnist = mnist or load_mnist(cfg["data_dir"])
-    builder = get_judge(cfg["cache_dir"], mnist, device, reader="resnet") if builder_agree(G, cfg) else None
-    return get_judge(cfg["cache_dir"], mnist, device), builder
+    builder = load_shipped("resnet", device) if builder_agree(G, cfg) else None
+    return ((judge or load_shipped("judge", device)) if needs_judge else None), builder
 
 
 def dataset_source(G, cfg):
@@ -1787,8 +1662,7 @@ def dataset_source(G, cfg):
 
 
 def fid_by_digit(feats, labels, ref_feats, ref_labels):
-    """The FID of each digit's images against the real test images of that digit (judge features).
-    One overall FID can hide a digit that comes out too uniform; this shows which one."""
+    """Each digit's FID against the real test images of that digit: which digit lacks its variety."""
     return [frechet_distance(*feature_stats(feats[labels == d]), *feature_stats(ref_feats[ref_labels == d]))
             for d in range(N_CLASSES)]
 
@@ -1804,15 +1678,13 @@ def evaluate(cfg, opts):
     device = pick_device(cfg["device"])
     G = load_generator(opts["ckpt"], cfg["noise_dim"], device)
     mnist = load_mnist(cfg["data_dir"])
-    judge = get_judge(cfg["cache_dir"], mnist, device)
+    judge = load_shipped("judge", device)
     real = real_outputs(judge, mnist, device)
-    ref_stats, floor = reference_stats(judge, mnist, device, real)
-    n = opts["n"]
-    asked = balanced_labels(n) if G.n_classes else None
-    fakes = generate(G, n, cfg["noise_dim"], device, seed=cfg["seed"] + SEED_OFFSET_EVAL, labels=asked)
-    feats, probs = judge_outputs(judge, fakes, device)
-    rows = [(f"{opts['ckpt']} ({n} samples)", quality(feats, probs, ref_stats, asked)),
-            ("real: 10,000 training images", floor)]
+    judging = Judging(1, "fid", judge, *reference_stats(judge, mnist, device, real))
+    metrics, (fakes, feats) = measure(G, cfg, judging, device)  # training's FID: the same draws, the same mean
+    n, asked = cfg["eval_samples"], balanced_labels(cfg["eval_samples"]) if G.n_classes else None
+    rows = [(f"{opts['ckpt']} (mean of {cfg['eval_draws']} draws of {n:,}, as in training)", metrics),
+            ("real: 10,000 training images", judging.floor)]
     print(f"{'images vs the 10,000 test digits':<44} {'FID':>8} {'score':>6} {'rarest digit':>13} {'commonest':>10}"
           f" {'confidence':>11}" + (f" {'labels':>8}" if G.n_classes else ""))
     for name, m in rows:
@@ -1824,26 +1696,22 @@ def evaluate(cfg, opts):
             ("generated", fid_by_digit(feats, asked.numpy(), test_feats, mnist.test_labels.numpy())),
             ("real: 10,000 training images", fid_by_digit(real_feats, mnist.train_labels[:10000].numpy(),
                                                           test_feats, mnist.test_labels.numpy()))], "6.1f")
-    report_fidelity(to_uint8(fakes), asked, mnist, judge, device, real, os.path.join(cfg["output_dir"],
-                                                                                  "nearest_neighbours.png"))
+    picture = os.path.join(cfg["output_dir"], "nearest_neighbours.png")
+    report_fidelity(to_uint8(fakes), asked, mnist, judge, device, real, picture)
     if opts["n_train"]:
-        report_train_on_fake(G, cfg, opts["n_train"], mnist, device)
+        report_train_on_fake(G, cfg, opts["n_train"], mnist, device, judge)
 
 
 def report_fidelity(digits, asked, mnist, judge, device, real, path):
-    """Is a worse FID lost fidelity or lost diversity, and does G copy? fidelity()'s figures beside the real test
-    digits', near-copies by digit for a conditional G, and `path`: row 1, the generated digits nearest to a training
-    digit; row 2, those training digits; rows 3-4, the same for the real test digits (what "close" is between two
-    real digits). All centred, as compared."""
+    """precision, recall, near-copies beside real test digits' (by digit: conditional G); `path`: the nearest digits."""
     f, (digits, dist, idx, test_dist, test_idx) = fidelity(digits, mnist, judge, device, real=real)
     print(f"{f'vs {len(digits):,} real training digits':<44} {'precision':>9} {'recall':>7} {'near-copies':>12} "
           f"{'median distance':>16}")
     for name, key in (("generated", ""), (f"real: {len(digits):,} test digits", "real_")):
         print(f"{name:<44} {f[key + 'precision']:9.1%} {f[key + 'recall']:7.1%} {f[key + 'near_copies']:12.1%} "
               f"{f[key + 'median_distance']:16.2f}")
-    print("(precision: share of digits like real ones; recall: share of real digits G draws (judge features, k = 3);"
-          " near-copies: share closer to a training digit, in pixels, than 99% of the real test digits are: ~1% if G"
-          " does not copy)")
+    print("(precision: share of digits like real ones; recall: share of real digits G draws (judge features, k = 3); "
+          "near-copies: share closer to a training digit, in pixels, than 99% of test digits: ~1% if G copies none)")
     if asked is not None:  # simple shapes (ones) come closest, for real digits too: their row is the floor
         threshold, labels = copy_threshold(test_dist), (asked[:len(digits)], mnist.test_labels[:len(digits)])
         print_by_digit("near-copies per digit (%)", [(name, [100 * (d[y == k] < threshold).float().mean().item()
@@ -1854,24 +1722,22 @@ def report_fidelity(digits, asked, mnist, judge, device, real, path):
     rows = [digits[closest], everything[idx[closest]], mnist.test_images[closest_test],
             mnist.train_images[test_idx[closest_test]]]
     save_grid(to_float(center_digits(torch.cat(rows))), path, nrow=12)
-    print(f"Wrote {path} (rows: the generated digits closest to a training digit, those training digits; the same "
-          f"for real test digits)")
+    print(f"Wrote {path} (rows: the generated digits closest to a training digit, those; the same for test digits)")
 
 
-def report_train_on_fake(G, cfg, n_train, mnist, device):
-    """Train on n_train generated digits (drawn and labeled as `dataset` does), test on the real test digits:
-    each outside reader (READERS, no part in building the set) trained on them, beside the same reader
-    trained on the real training digits. Then how often that real-trained reader reads the generated digits
-    as their label, and which real test digits each misreads."""
+
+def report_train_on_fake(G, cfg, n_train, mnist, device, judge=None):
+    """Each outside reader (READERS) trained on n_train digits drawn as `dataset` draws, tested on the real test digits
+    beside the same reader trained on real ones; how that one reads the generated; which digits each misreads."""
     images, labels = labeled_fakes(G, n_train, cfg, device, cfg["seed"] + SEED_OFFSET_DATASET,
-                                   get_builders(G, cfg, mnist, device))
+                                   get_builders(G, cfg, device, judge))
     print(f"train on {n_train:,} generated digits ({dataset_source(G, cfg)}, noise std {cfg['dataset_noise']:g}), "
           f"test on the 10,000 real test digits; each reader had no part in building the set")
     print(f"{'reader':<10} {'trained on real':>15} {'on generated':>13} {'gap':>7} "
           f"{'reads the generated as labeled':>31}")
     misread = []
     for name in READERS:
-        on_real = get_judge(cfg["cache_dir"], mnist, device, reader=name)
+        on_real = get_reader(cfg["cache_dir"], mnist, device, name)
         on_fake = train_reader(name, images, labels, device)
         fake_misread, real_misread = (misread_by_digit(c, mnist.test_images, mnist.test_labels, device)
                                       for c in (on_fake, on_real))
@@ -1892,9 +1758,22 @@ def die(message, code):
     sys.exit(code)
 
 
+def kernel_argv(argv):
+    """Whether argv is a notebook kernel's own (launcher, -f <connection file>): a pasted cell parses none of it."""
+    return "kernel" in os.path.basename(argv[0]) or len(argv) > 2 and argv[1] == "-f" and argv[2].endswith(".json")
+
+
+def resume_command(argv):
+    """The command line that continues this run: its options, any --resume (--resume true too) dropped, one last."""
+    script, args = ("dcgan_mnist.py", []) if kernel_argv(argv) else (os.path.basename(argv[0]), argv[1:])
+    drop = {i for i, a in enumerate(args) if re.fullmatch(r"--resume(=.*)?", a)}
+    drop |= {i + 1 for i in drop if args[i] == "--resume" and args[i + 1:i + 2] and args[i + 1].lower() in BOOLS}
+    return shlex.join(["python", script or "dcgan_mnist.py", *[a for i, a in enumerate(args) if i not in drop],
+                       "--resume=True"])
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, except that a bad command line ends in one line and exit 2, like every other error here (argparse
-    prints its usage first), naming the closest valid option of an unknown one."""
+    """argparse, but a bad command line is one line and exit 2 (no usage first), naming the closest valid option."""
     def error(self, message):
         names = [o for a in self._actions for o in a.option_strings]
         unknown = re.findall(r"(--?[\w-]+)", message.partition("unrecognized arguments:")[2])
@@ -1908,8 +1787,7 @@ BOOLS = {"true": True, "1": True, "false": False, "0": False}  # what a bool opt
 
 
 def option_type(default, low=None, high=None):
-    """The command line's type for an option: its default's own; a bool takes True/False/1/0, a tuple (betas) a Python
-    tuple of as many numbers. A command's whole numbers (default None: no value) must lie in [low, high or up]."""
+    """An option's type: its default's (bool: True/False/1/0; tuple: as many numbers); whole numbers in [low, high]."""
     def parse(text):
         try:
             if isinstance(default, bool):
@@ -1923,15 +1801,13 @@ def option_type(default, low=None, high=None):
             assert low is None or low <= value <= (math.inf if high is None else high)
             return value
         except (KeyError, ValueError, SyntaxError, AssertionError):
-            kind = type(default).__name__ if low is None else f"whole number from {low} " + (
-                f"to {high}" if high else "up")
+            kind = type(default).__name__ if low is None else f"whole number from {low} to {high or 'up'}"
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind} (default: {default!r})")
     return parse
 
 
 def add_option(parser, name, meaning, default, low=None, high=None):
-    """--name value or --name=value; a bool's bare --name means True. The default appears in --help only: the
-    parsed namespace holds what was given (argument_default=SUPPRESS), so a resumed run knows what was told."""
+    """--name value or --name=value (a bool's bare --name: True). The namespace holds only what was given (SUPPRESS)."""
     switch = isinstance(default, bool)
     text = argparse.SUPPRESS if meaning is None else f"{meaning} (default: {default!r})".replace("%", "%%")  # % formats
     parser.add_argument(f"--{name}", type=option_type(default, low, high), nargs="?" if switch else None,
@@ -1940,10 +1816,10 @@ def add_option(parser, name, meaning, default, low=None, high=None):
 
 
 def parse_args(argv, extra=None, command="train"):
-    """argv -> (config dict, names given on the command line, the command's own options). Bad input exits 2.
-    extra: the command's own options (COMMAND_OPTIONS[command]); the hyperparameters apply to every command."""
-    source = open(__file__, encoding="utf-8").read()
-    prog = f"python {os.path.basename(__file__)}" + ("" if command == "train" else f" {command}")
+    """argv -> (config, names given, the command's own options); bad input exits 2. extra: COMMAND_OPTIONS[command]."""
+    here = globals().get("__file__")  # none in a notebook cell: --help then lists the options without their comments
+    source = open(here, encoding="utf-8").read() if here else ""
+    prog = f"python {os.path.basename(here or 'dcgan_mnist.py')}" + ("" if command == "train" else f" {command}")
     epilog = (f"--conditional=True changes these defaults (CONDITIONAL_DEFAULTS): {CONDITIONAL_DEFAULTS}\n"
               f"On a CUDA GPU (compute capability 7.0+), after those (GPU_DEFAULTS): {GPU_DEFAULTS}")
     if command != "train":  # a command's --help: its own options; the hyperparameters are in the main --help
@@ -1958,7 +1834,7 @@ def parse_args(argv, extra=None, command="train"):
         add_option(parser, name, meaning, *(spec if isinstance(spec, tuple) else (spec,)))
     for name in CONFIG_NAMES:  # each constant of section 1, with the comment written beside it
         comment = re.search(rf"^{name} = .*?#\s*(.*)$", source, re.M)
-        add_option(parser, name.lower(), None if command != "train" else comment and comment[1], globals()[name])
+        add_option(parser, name.lower(), None if command != "train" else comment[1] if comment else "", globals()[name])
     told = vars(parser.parse_args(argv))
     cfg = {name.lower(): globals()[name] for name in CONFIG_NAMES}
     given = {k for k in told if k in cfg}
@@ -1983,8 +1859,7 @@ def validate(cfg):
     check("real_label", lambda v: 0 < v <= 1, "must be in (0, 1]")
     check("eval_samples", lambda v: v >= 100, "must be at least 100")
     check("select_by", lambda v: v in ("g_loss", "fid"), 'must be "g_loss" or "fid"')
-    check("device", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), 'must be "auto", "cpu", "cuda", '
-          '"cuda:N" or "mps"')
+    check("device", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), 'must be auto, cpu, cuda, cuda:N or mps')
     if device_problem(cfg["device"]):
         die(f"--device={cfg['device']} but {device_problem(cfg['device'])}", 2)
 
@@ -2001,9 +1876,7 @@ def device_problem(device):
 
 
 def check_folder(option, folder, create=True):
-    """Create `folder` and prove we can write there, before spending any time on work; with create=False (a folder
-    made only once needed: CACHE_DIR, DATA_DIR) check only that the part of its path that exists is a folder. A file
-    in the way, or no permission: one line, exit 2."""
+    """`folder` made and writable before any work (create=False: what exists of its path a folder), else exit 2."""
     nearest = os.path.abspath(folder)
     while not os.path.exists(nearest):
         nearest = os.path.dirname(nearest)
@@ -2021,9 +1894,7 @@ def check_folder(option, folder, create=True):
 
 @contextlib.contextmanager
 def output_folder_lock(folder, command="train", option="output_dir"):
-    """One training run per output folder (one `dataset` run per dataset folder): an OS lock on
-    <folder>/<command>.lock for the run's lifetime. The OS drops it when the process ends, even on kill -9,
-    so it is never stale. The file holds the pid."""
+    """One run per folder: an OS lock on <folder>/<command>.lock (with the pid), dropped on any exit: never stale."""
     path = os.path.join(folder, f"{command}.lock")
     f = open(path, "a+")  # "a+": do not wipe the pid of a run that holds the lock
     try:
@@ -2038,8 +1909,9 @@ def output_folder_lock(folder, command="train", option="output_dir"):
         f.seek(0)
         pid = f.read().strip() or "unknown"
         f.close()
-        die(f"{folder} is in use by another {command} run (pid {pid}); wait for it to end, or pass another "
-            f"--{option}", 2)
+        die(f"{folder} is in use by another {command} run (pid {pid}); wait for it to end or use another --{option}", 2)
+
+
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
@@ -2064,7 +1936,6 @@ COMMAND_OPTIONS = {
     },
     "evaluate": {
         "ckpt": ("", "the generator to measure ('': <output_dir>/G_model.ckpt)"),
-        "n": ((10000, 100, None), "generated digits scored against the 10,000 real test digits"),
         "n_train": ((60000, 0, None), "train-on-fake: a classifier trained on this many generated digits (0 = skip)"),
     },
     "dataset": {
@@ -2104,7 +1975,7 @@ def main(argv):
     device = pick_device(cfg["device"])  # a GPU's own defaults, where the command line is silent (GPU_DEFAULTS)
     cfg.update({k: v for k, v in machine_defaults(device.type, capability(device)).items() if k not in given})
     check_folder("output_dir", cfg["output_dir"])
-    for option in ("cache_dir", "data_dir"):  # made only when needed (a judge to cache, a download)
+    for option in ("cache_dir", "data_dir"):  # made only when needed (a reader to cache, a download)
         check_folder(option, os.path.expanduser(cfg[option]), create=False)
     if command == "train":
         last = os.path.join(cfg["output_dir"], "last.ckpt")
@@ -2124,5 +1995,5 @@ def main(argv):
         sys.exit(128 + e.args[0])
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+if __name__ == "__main__":  # a terminal, %run or !python; or a notebook cell, with the constants above as edited
+    main([] if kernel_argv(sys.argv) else sys.argv[1:])

@@ -122,7 +122,7 @@ def main():
     data_share = {k: [] for k in runs}
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} batch={BATCH} "
           f"steps/round={args.steps} rounds={args.rounds}")
-    for r in range(args.rounds + 1):  # round 0 warms up (and compiles, if COMPILE is on)
+    for r in range(args.rounds + 1):  # round 0 warms up
         for name, run in runs.items():
             seconds, data_seconds = run(setups[name], args.steps, device)
             if r > 0:

@@ -83,7 +83,7 @@ def main():
     args = p.parse_args()
     device = dm.pick_device("auto")
     mnist = dm.load_mnist(args.data_dir)
-    judge = dm.get_judge(dm.CACHE_DIR, mnist, device)
+    judge = dm.load_shipped("judge", device)
     real = dm.judge_accuracy(judge, mnist.test_images, mnist.test_labels, device)
     names = args.only.split(",") if args.only else list(SETTINGS)
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -31,7 +31,7 @@ def main():
     args = p.parse_args()
     device = dm.pick_device("auto")
     mnist = dm.load_mnist(args.data_dir)
-    judge = dm.get_judge(dm.CACHE_DIR, mnist, device)
+    judge = dm.load_shipped("judge", device)
     G = dm.load_generator(args.ckpt, dm.NOISE_DIM, device)
     real = dm.judge_accuracy(judge, mnist.test_images, mnist.test_labels, device)
     print(f"{args.ckpt}: train-on-real (the judge) {real:.2%}")

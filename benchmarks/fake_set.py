@@ -73,9 +73,9 @@ def main():
     a = p.parse_args()
     device = torch.device("cpu")
     mnist = dm.load_mnist(a.data_dir)
-    judge = dm.get_judge(dm.CACHE_DIR, mnist, device)
-    readers = {name: dm.get_judge(dm.CACHE_DIR, mnist, device, reader=name) for name in a.readers.split(",")}
-    builder = dm.get_judge(dm.CACHE_DIR, mnist, device, reader="resnet")
+    judge = dm.load_shipped("judge", device)
+    readers = {name: dm.get_reader(dm.CACHE_DIR, mnist, device, name) for name in a.readers.split(",")}
+    builder = dm.load_shipped("resnet", device)
     os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
     for ckpt in a.ckpts.split(","):
         G = load(ckpt, device)

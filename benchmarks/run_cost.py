@@ -51,7 +51,7 @@ def main():
         for name, setup in setups.items():
             c = dict(cfg, **setup)
             t = time.time()
-            dm.train_one_epoch(data, gan, dm.TrainState(), c, amp, args.steps)
+            dm.train_one_epoch(data, dm.training_step(gan, c, amp, data.images.device), dm.TrainState(), c, args.steps)
             per_batch = (time.time() - t) / args.steps
             t = time.time()
             dm.refresh_bn_stats(gan.G_ema, c["noise_dim"], device, seed=1)

@@ -3,7 +3,7 @@ The cost of one training batch (the script's own train_one_epoch) for several se
 FLOP count: how far each is from the machine's limit, and what a default run costs per epoch.
 
     python benchmarks/step_cost.py --data_dir=../shared/data [--device=auto] [--steps=15] [--rounds=3] [--no_amp]
-        [--only="G64 D64,G64 D32"]   (the compile settings run only where named in --only)
+        [--only="G64 D64,G64 D32"]
 
 On CUDA, the "CUDA graphs" settings record the step as a CUDA graph after 3 batches (CUDA_GRAPHS), once per
 train_one_epoch call: give --steps well above 3 (100+) for the steady cost; the others run it kernel by kernel.
@@ -38,14 +38,12 @@ SETTINGS = {  # name: overrides of the script's defaults (G: NGF, D: NDF)
     "G128 D128": {"ngf": 128, "ndf": 128},  # GPU_DEFAULTS' widths
     "G64 D32 CUDA graphs": {"cuda_graphs": True},  # CUDA: the step recorded once and replayed (CUDA_GRAPHS)
     "G128 D128 CUDA graphs": {"ngf": 128, "ndf": 128, "cuda_graphs": True},
-    "G64 D32 compile": {"compile": True},  # torch.compile's default mode (fuses small kernels)
-    "G128 D128 compile": {"ngf": 128, "ndf": 128, "compile": True},
 }
 
 
 def batch_flops(data, gan, cfg, amp):
     with FlopCounterMode(display=False) as counter:
-        dm.train_one_epoch(data, gan, dm.TrainState(), cfg, amp, 1)
+        dm.train_one_epoch(data, dm.training_step(gan, cfg, amp, data.images.device), dm.TrainState(), cfg, 1)
     return counter.get_total_flops()
 
 
@@ -64,13 +62,13 @@ def main():
     mnist = dm.load_mnist(args.data_dir)
     data = dm.Data(torch.cat([mnist.train_images, mnist.test_images]).to(device),
                    torch.cat([mnist.train_labels, mnist.test_labels]).to(device))
-    names = [n for n in SETTINGS if n in args.only.split(",") or not args.only and "compile" not in n]
+    names = [n for n in SETTINGS if n in args.only.split(",") or not args.only]
     runs = {}
     for name in names:
         cfg = dict(base, **SETTINGS[name])
         torch.manual_seed(0)
         gan = dm.build_models(cfg, device)
-        plain = dict(cfg, compile=False, cuda_graphs=False)  # FLOPs counted uncompiled: compiling changes no FLOP
+        plain = dict(cfg, cuda_graphs=False)  # FLOPs counted eagerly: a CUDA graph changes no FLOP
         runs[name] = (cfg, gan, batch_flops(data, dm.build_models(plain, device), plain, amp))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"device={device} ({why}) capability={torch.backends.cpu.get_cpu_capability()} "
@@ -82,7 +80,8 @@ def main():
             sync()
             t = time.perf_counter()
             try:
-                dm.train_one_epoch(data, gan, dm.TrainState(), cfg, amp, args.steps)
+                step = dm.training_step(gan, cfg, amp, data.images.device)
+                dm.train_one_epoch(data, step, dm.TrainState(), cfg, args.steps)
             except Exception as e:  # one setting failing must not cost the others' figures
                 print(f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})")
                 del runs[name]

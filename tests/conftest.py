@@ -34,7 +34,7 @@ def mnist():
 
 @pytest.fixture(scope="session")
 def few_tests_dir(tmp_path_factory, mnist):
-    """A --data_dir with MNIST's 60,000 training digits (links to the real files: the judge cache applies) and its
+    """A --data_dir with MNIST's 60,000 training digits (links to the real files: the readers' cache applies) and its
     first 1,000 test digits, so that what scores every test digit (evaluate's readers) takes a tenth of the time."""
     raw = tmp_path_factory.mktemp("few_tests") / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -46,25 +46,21 @@ def few_tests_dir(tmp_path_factory, mnist):
 
 
 @pytest.fixture(scope="session")
-def judge_cache(tmp_path_factory, mnist):
-    """A judge for the whole test session, in its own cache folder, where get_judge() finds it. To keep the
-    suite short it is trained for 1 epoch on 40,000 digits instead of the script's 3 on 60,000 (98.3%
-    instead of 99.1% test accuracy; the opt-in test_judge_recipe_reaches_99_percent checks the recipe)."""
-    cache = str(tmp_path_factory.mktemp("judge_cache"))
-    cpu = torch.device("cpu")
-    judge = dm.train_reader("judge", mnist.train_images[:40000], mnist.train_labels[:40000], cpu, epochs=1)
-    accuracy = dm.judge_accuracy(judge, mnist.test_images, mnist.test_labels, cpu)
-    dm.atomic_save({"model": judge.state_dict(), "test_accuracy": accuracy}, dm.judge_path(cache, mnist))
-    for name, reader in list(dm.CLASSIFIERS.items())[1:]:  # the readers on 4,000 digits (script: 60,000), the builder
-        n = {"resnet": 1000, "vgg": 2000}.get(name, 4000)  # fewer for the costly ones; the ResNet is only a filter
-        model = dm.train_reader(name, mnist.train_images[:n], mnist.train_labels[:n], cpu)
-        dm.atomic_save({"model": model.state_dict()}, dm.judge_path(cache, mnist, reader.file))
+def reader_cache(tmp_path_factory, mnist):
+    """A cache folder for the whole test session where get_reader() finds evaluate's outside readers trained on the
+    real digits: to keep the suite short, on 4,000 digits (vgg: 2,000) instead of the script's 60,000. The judge and
+    the ResNet builder need none: they ship with the script (judges/)."""
+    cache = str(tmp_path_factory.mktemp("reader_cache"))
+    for name in dm.READERS:
+        n = {"vgg": 2000}.get(name, 4000)  # fewer for the costly one
+        model = dm.train_reader(name, mnist.train_images[:n], mnist.train_labels[:n], torch.device("cpu"))
+        dm.atomic_save({"model": model.state_dict()}, dm.reader_path(cache, mnist, name))
     return cache
 
 
 @pytest.fixture(scope="session")
-def judge(judge_cache, mnist):
-    return dm.get_judge(judge_cache, mnist, torch.device("cpu"))
+def judge():
+    return dm.load_shipped("judge", torch.device("cpu"))
 
 
 def config(**overrides):

@@ -130,10 +130,10 @@ def _read_idx(path):
     return int.from_bytes(data[:4], "big"), data
 
 
-def test_dataset_is_mnist_to_torchvision_and_to_this_script(conditional_run, judge_cache, tmp_path):
+def test_dataset_is_mnist_to_torchvision_and_to_this_script(conditional_run, reader_cache, tmp_path):
     folder = str(tmp_path / "fake_mnist")
     result = run_main("dataset", "--n=50", "--n_test=20", f"--dataset_dir={folder}", f"--data_dir={DATA_DIR}",
-                      f"--ckpt={conditional_run}/G_model.ckpt", f"--cache_dir={judge_cache}",
+                      f"--ckpt={conditional_run}/G_model.ckpt", f"--cache_dir={reader_cache}",
                       f"--output_dir={tmp_path / 'o'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("(labels: the digits G was asked for, kept where the judge reads them "
@@ -250,16 +250,17 @@ def test_second_builder_drops_the_digits_it_does_not_read_as_asked(judge, mnist)
     assert odd[dm.judge_filter(probs, asked, 1000, 0, 0.5, second, 0.4)].any()  # p = 0.55 passes agree 0.4
 
 
-def test_unconditional_dataset_is_labeled_by_the_judge(smoke_run, judge, judge_cache, tmp_path):
+def test_unconditional_dataset_is_labeled_by_the_judge(smoke_run, judge, reader_cache, tmp_path):
     folder = str(tmp_path / "fake_mnist")
     result = run_main("dataset", "--n=200", "--n_test=10", "--measure=0", f"--dataset_dir={folder}",
-                      f"--data_dir={DATA_DIR}", f"--ckpt={smoke_run[0]}/G_model.ckpt", f"--cache_dir={judge_cache}",
+                      f"--data_dir={DATA_DIR}", f"--ckpt={smoke_run[0]}/G_model.ckpt", f"--cache_dir={reader_cache}",
                       f"--output_dir={tmp_path / 'o'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "judge" in result.stdout and "precision" not in result.stdout  # --measure=0: not measured
     assert "fidelity" not in json.load(open(os.path.join(folder, "MNIST", "raw", dm.MANIFEST)))
     result = run_main("dataset", "--n=3", "--n_test=1", f"--dataset_dir={tmp_path / 'three'}", f"--data_dir={DATA_DIR}",
-                      f"--ckpt={smoke_run[0]}/G_model.ckpt", f"--cache_dir={judge_cache}", f"--output_dir={tmp_path / 'o'}")
+                      f"--ckpt={smoke_run[0]}/G_model.ckpt", f"--cache_dir={reader_cache}",
+                      f"--output_dir={tmp_path / 'o'}")
     assert result.returncode == 0 and "not measured: they need more than 3 digits" in result.stdout
     ds = torchvision.datasets.MNIST(folder, train=True, download=False)
     with torch.no_grad():
@@ -308,10 +309,10 @@ def test_train_on_fake_routine_measures_real_digits(mnist):
 
 
 @pytest.mark.parametrize("reader", dm.READERS)
-def test_each_outside_reader_learns_real_digits_and_not_wrong_labels(mnist, judge_cache, reader):
-    """train_reader on 4,000 real digits (the copy judge_cache trained) reads the test digits; fed shuffled
+def test_each_outside_reader_learns_real_digits_and_not_wrong_labels(mnist, reader_cache, reader):
+    """train_reader on 4,000 real digits (the copy reader_cache trained) reads the test digits; fed shuffled
     labels, it is at chance. All 60,000 digits: allconv 99.2-99.3%, mlp 98.2%, vgg 99.4%."""
-    trained = dm.get_judge(judge_cache, mnist, CPU, reader=reader)
+    trained = dm.get_reader(reader_cache, mnist, CPU, reader)
     assert dm.judge_accuracy(trained, mnist.test_images[:5000], mnist.test_labels[:5000], CPU) > 0.85
     shuffled = mnist.train_labels[:1000][torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
     few_tests = mnist._replace(test_images=mnist.test_images[:2000], test_labels=mnist.test_labels[:2000])
@@ -337,12 +338,12 @@ def test_random_shift_moves_each_digit_by_its_own_offset_and_keeps_it_whole(mnis
 
 
 def test_training_a_cached_classifier_says_how_long_it_takes(mnist, tmp_path, capsys):
-    """Before the once-only training of the judge (or a reader, or the ResNet builder) is far along, one line
-    says roughly how long it takes on this machine (timed over its first 20 batches)."""
+    """Before the once-only training of a reader on real digits is far along, one line says roughly how long it
+    takes on this machine (timed over its first 20 batches)."""
     few = mnist._replace(train_images=mnist.train_images[:2600], train_labels=mnist.train_labels[:2600])
-    dm.get_judge(str(tmp_path), few, CPU)
+    dm.get_reader(str(tmp_path), few, CPU, "mlp")
     out = capsys.readouterr().out
-    assert re.search(r"Training the FID judge .*\n  about \d+\.\d min on this machine \(63 batches of 128\)\n"
+    assert re.search(r"Training the classifier mlp .*\n  about \d+\.\d min on this machine \(210 batches of 128\)\n"
                      r"Its test accuracy", out), out
 
 
@@ -358,7 +359,7 @@ def test_outside_readers_are_other_families_than_the_judge():
         assert layers(reader.build()) != layers(dm.Judge()), name
         assert (optimizer, reader.epochs, reader.shift) != (torch.optim.Adam, 3, 0), name  # the judge's recipe
         assert layers(reader.build()) != layers(dm.resnet()) and reader.epochs != dm.BUILDER.epochs, name
-        assert reader.file not in (dm.JUDGE_FILE, dm.BUILDER.file)
+        assert reader.file not in (dm.CLASSIFIERS["judge"].file, dm.BUILDER.file)
     assert any(nn.Conv2d not in [type(m) for m in r.build().modules()] for r in dm.READERS.values())  # no conv at all
 
 
@@ -397,12 +398,13 @@ def test_misread_by_digit_names_the_digit_a_training_set_lacks(mnist):
     assert all(misread[d] < counts[d] / 2 for d in range(10) if d != 7)
 
 
-def test_evaluate_reports_label_accuracy_and_train_on_fake(conditional_run, judge_cache, few_tests_dir, tmp_path):
-    result = run_main("evaluate", "--n=500", "--n_train=500", f"--ckpt={conditional_run}/G_model.ckpt",
-                      f"--data_dir={few_tests_dir}", f"--cache_dir={judge_cache}", f"--output_dir={tmp_path / 'o'}")
+def test_evaluate_reports_label_accuracy_and_train_on_fake(conditional_run, reader_cache, few_tests_dir, tmp_path):
+    result = run_main("evaluate", "--eval_samples=500", "--n_train=500", f"--ckpt={conditional_run}/G_model.ckpt",
+                      f"--data_dir={few_tests_dir}", f"--cache_dir={reader_cache}", f"--output_dir={tmp_path / 'o'}")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert "labels" in lines[0] and "confidence" in lines[0]
+    assert lines[0].startswith("Shipped judge:") and "labels" in lines[1] and "confidence" in lines[1]
+    assert lines[2:].count(lines[0]) == 0  # the judge is loaded once
     assert any(l.startswith("train on 500 generated digits (labels: the digits G was asked for, kept where the "
                             f"judge reads them (p >= {dm.DATASET_FILTER:g}) and a ResNet agrees (p >= {dm.DATASET_AGREE:g}), "
                             f"centred like MNIST's, noise std {dm.DATASET_NOISE:g})") for l in lines)
@@ -430,12 +432,12 @@ def test_evaluate_reports_label_accuracy_and_train_on_fake(conditional_run, judg
         assert sum(int(v) for v in per_digit[f"{name} trained on real digits"]) == pytest.approx(10 * (100 - real), abs=1)
 
 
-def test_reported_label_agreement_is_the_real_trained_reader_reading_the_set(mnist, judge_cache, monkeypatch, capsys):
+def test_reported_label_agreement_is_the_real_trained_reader_reading_the_set(mnist, reader_cache, monkeypatch, capsys):
     """The last column of the train-on-fake table: a set whose labels are the true ones (real digits
     standing in for a generator) reads near 100% to the readers trained on real digits; the same digits with
     every label shifted by one read near 0%."""
     images, labels = mnist.train_images[-2000:], mnist.train_labels[-2000:]
-    cfg = {**config(), "cache_dir": judge_cache}
+    cfg = {**config(), "cache_dir": reader_cache}
     G = dm.Generator(dm.NOISE_DIM, dm.N_CLASSES)
     agreements = []
     for shown in (labels, (labels + 1) % 10):

@@ -47,10 +47,10 @@ def _start_dataset(folder, ckpt, cache):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_dataset_stops_cleanly_on_a_signal_and_the_same_command_finishes(signum, smoke_run, judge_cache, tmp_path):
+def test_dataset_stops_cleanly_on_a_signal_and_the_same_command_finishes(signum, smoke_run, reader_cache, tmp_path):
     folder = str(tmp_path / "fake")
     raw = os.path.join(folder, "MNIST", "raw")
-    proc, args = _start_dataset(folder, f"{smoke_run[0]}/G_model.ckpt", judge_cache)
+    proc, args = _start_dataset(folder, f"{smoke_run[0]}/G_model.ckpt", reader_cache)
     tmp_file = os.path.join(raw, "train-images-idx3-ubyte.tmp")
     wait_for(lambda: os.path.exists(tmp_file) or proc.poll() is not None, timeout=120, what="the images' .tmp")
     proc.send_signal(signum)

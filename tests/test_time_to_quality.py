@@ -27,7 +27,7 @@ def test_fid_for_selection_is_the_mean_of_eval_draws_and_its_first_draw_is_the_s
     G = dm.Generator(dm.NOISE_DIM).apply(dm.weights_init).eval()
     ref_stats, floor = dm.reference_stats(judge, mnist, cpu)
     judging = dm.Judging(1, "fid", judge, ref_stats, floor)
-    one, two = (dm.measure(G, config(eval_samples=300, eval_draws=n), judging, cpu) for n in (1, 2))
+    one, two = (dm.measure(G, config(eval_samples=300, eval_draws=n), judging, cpu)[0] for n in (1, 2))
     gen = dm.rng(dm.SEED + dm.SEED_OFFSET_EVAL)
     fids = [dm.quality(*dm.judge_outputs(judge, dm.generate(G, 300, dm.NOISE_DIM, cpu, seed=gen), cpu),
                        ref_stats)["fid"] for _ in range(2)]
