@@ -43,15 +43,15 @@ def load(path, name):
     return model.eval()
 
 
-def compare(rebuilt, shipped, mnist, g_ckpt=None):
-    """FIDs of the same digits against the same test digits, by both judges: real training digits (the floor),
+def compare(rebuilt, shipped, mnist, g_ckpt=None, n=10000):
+    """FIDs of the same n digits against the same n test digits, by both judges: real training digits (the floor),
     blurred test digits, and a generator's digits if given."""
-    test = dm.to_float(mnist.test_images)
-    sets = {"10,000 real training digits": dm.to_float(mnist.train_images[:10000]),
+    test = dm.to_float(mnist.test_images[:n])
+    sets = {f"{n:,} real training digits": dm.to_float(mnist.train_images[:n]),
             "the test digits, blurred (3x3)": F.avg_pool2d(F.pad(test, (1,) * 4, value=-1), 3, stride=1)}
     if g_ckpt:
         G = dm.load_generator(g_ckpt, dm.NOISE_DIM, CPU)
-        sets[f"10,000 digits of {g_ckpt}"] = dm.generate(G, 10000, dm.NOISE_DIM, CPU, seed=100)
+        sets[f"{n:,} digits of {g_ckpt}"] = dm.generate(G, n, dm.NOISE_DIM, CPU, seed=100)
     for what, images in sets.items():
         fids = []
         for judge in (shipped, rebuilt):
@@ -68,6 +68,7 @@ def main():
     p.add_argument("--n", type=int, default=60000, help="training digits (default: all 60,000)")
     p.add_argument("--which", default="judge,resnet", help="comma-separated: judge, resnet")
     p.add_argument("--g_ckpt", default="", help="also compare the two judges' FIDs of this generator's digits")
+    p.add_argument("--compare_n", type=int, default=10000, help="digits per set in the comparison (default 10,000)")
     args = p.parse_args()
     mnist = dm.load_mnist(args.data_dir)
     os.makedirs(args.out, exist_ok=True)
@@ -76,7 +77,7 @@ def main():
     paths = {name: build(name, mnist, args.n, args.out) for name in args.which.split(",")}
     shipped = dm.shipped_path("judge")
     if "judge" in paths and os.path.isfile(shipped) and os.path.abspath(shipped) != os.path.abspath(paths["judge"]):
-        compare(load(paths["judge"], "judge"), load(shipped, "judge"), mnist, args.g_ckpt)
+        compare(load(paths["judge"], "judge"), load(shipped, "judge"), mnist, args.g_ckpt, args.compare_n)
 
 
 if __name__ == "__main__":

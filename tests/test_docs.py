@@ -6,7 +6,7 @@ import pytest
 
 from conftest import ROOT, dm
 
-BENCHMARK_OPTIONS = ("help", "lowercase_name", "no_amp", "dry", "steps", "rounds", "stds", "filter", "filters", "agrees", "centers", "ckpts", "only", "seeds", "plot", "summary", "minutes")
+BENCHMARK_OPTIONS = ("help", "lowercase_name", "no_amp", "dry", "steps", "rounds", "stds", "filter", "filters", "agrees", "centers", "ckpts", "only", "seeds", "plot", "summary", "minutes", "out", "g_ckpt", "compare_n", "which")
 DOCS = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "docs", "results.md")]
 
 
