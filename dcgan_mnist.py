@@ -138,8 +138,7 @@ def pick_device(name):
 # A per-sample PIL pipeline (ToTensor, Normalize) costs more than the GAN step on small machines;
 # indexing one tensor and normalizing the whole batch at once costs nothing.
 MNIST = namedtuple("MNIST", "train_images train_labels test_images test_labels")  # images uint8 (N, 28, 28)
-RAW_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+RAW_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
 def load_mnist(data_dir):
@@ -1683,19 +1682,21 @@ def evaluate(cfg, opts):
     judging = Judging(1, "fid", judge, *reference_stats(judge, mnist, device, real))
     metrics, (fakes, feats) = measure(G, cfg, judging, device)  # training's FID: the same draws, the same mean
     n, asked = cfg["eval_samples"], balanced_labels(cfg["eval_samples"]) if G.n_classes else None
+    floor = f"real: {min(10000, len(mnist.train_images)):,} training images"  # a slice or a fake set: its own counts
     rows = [(f"{opts['ckpt']} (mean of {cfg['eval_draws']} draws of {n:,}, as in training)", metrics),
-            ("real: 10,000 training images", judging.floor)]
-    print(f"{'images vs the 10,000 test digits':<44} {'FID':>8} {'score':>6} {'rarest digit':>13} {'commonest':>10}"
+            (floor, judging.floor)]
+    head = f"images vs the {len(mnist.test_images):,} test digits"
+    print(f"{head:<44} {'FID':>8} {'score':>6} {'rarest digit':>13} {'commonest':>10}"
           f" {'confidence':>11}" + (f" {'labels':>8}" if G.n_classes else ""))
     for name, m in rows:
         print(f"{name:<44} {m['fid']:8.2f} {m['score']:6.2f} {m['min_share']:13.1%} {m['max_share']:10.1%}"
               f" {m['confidence']:11.2%}" + ("" if math.isnan(m["label_accuracy"]) else f" {m['label_accuracy']:8.2%}"))
     if G.n_classes:  # variety within each digit: the fakes asked for d against the real test d's
         (test_feats, _), (real_feats, _) = real
+        def by_digit(feats, labels):
+            return fid_by_digit(feats, labels.numpy(), test_feats, mnist.test_labels.numpy())
         print_by_digit("FID per digit (vs that digit's test images)", [
-            ("generated", fid_by_digit(feats, asked.numpy(), test_feats, mnist.test_labels.numpy())),
-            ("real: 10,000 training images", fid_by_digit(real_feats, mnist.train_labels[:10000].numpy(),
-                                                          test_feats, mnist.test_labels.numpy()))], "6.1f")
+            ("generated", by_digit(feats, asked)), (floor, by_digit(real_feats, mnist.train_labels[:10000]))], "6.1f")
     picture = os.path.join(cfg["output_dir"], "nearest_neighbours.png")
     report_fidelity(to_uint8(fakes), asked, mnist, judge, device, real, picture)
     if opts["n_train"]:
