@@ -137,7 +137,7 @@ def test_the_gpu_check_runs_dry_on_the_cpu(reader_cache, few_tests_dir, tmp_path
     assert "float32: this CPU has no bf16 units" in out or "bf16 autocast" in out
     assert "G64 D32 CUDA graphs" in out and "GFLOP/s" in out  # step costs
     assert "the default run, seed 0:" in out and "epoch  seconds  FID" in out and "Epoch [2/2]" in out
-    assert out.count("images vs the 1,000 test digits") == 2  # few_tests_dir: a fresh draw of the default run, the conditional G
+    assert out.count("images vs the 1,000 test digits") == 2  # few_tests_dir: the default run, conditional G
     assert "Wrote 300 training and 100 test digits" in out and "dataset:" in out
     assert "gpu_check done" in out and "failed" not in out
     summary = open(tmp_path / "summary.md").read()
