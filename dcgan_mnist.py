@@ -21,7 +21,6 @@ import argparse
 import ast
 import contextlib
 import copy
-import ctypes
 import difflib
 import errno
 import functools
@@ -821,10 +820,6 @@ def finish(state, gan, cfg, judging, reason, data, fixed_noise, start_time):
 # yardstick for every machine and data folder. benchmarks/build_judges.py rebuilds them (a new yardstick).
 SHIPPED = {"judge": "62da3279ebfa4baa526296574c31309d3e51b392d37fe54e320f5d08cce0d863",  # judges/<its file>.pt's
            "resnet": "09db5bcd63846d74ed06c1e3f1400e0102939c3e64c6460bb396d0227e9dfe1b"}  # SHA-256
-# glibc gives each freed block over 32 MB back to the system and faults the next one in: a third of evaluate's time.
-with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, Windows): nothing to do
-    for option in (-3, -1):  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD: blocks up to 256 MiB stay for reuse (Linux)
-        ctypes.CDLL("libc.so.6").mallopt(option, 1 << 28)
 
 
 def load_shipped(name, device):
