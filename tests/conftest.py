@@ -3,6 +3,7 @@ else torchvision's default download folder (a user's machine with internet)."""
 import contextlib
 import ctypes
 import hashlib
+import importlib.util
 import io
 import os
 import subprocess
@@ -120,6 +121,14 @@ def run_main(*args):
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def benchmark(name):
+    """benchmarks/<name>.py as a module, to run its main() in this process (no second start of Python and torch)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def start_script(*args):

@@ -1,14 +1,13 @@
 """Right on the machines readers have: the precision each gets, the float16 + GradScaler path (run on the CPU,
 as on a T4), and what a run says about its machine before it trains."""
 import functools
-import importlib.util
 import os
 import sys
 
 import pytest
 import torch
 
-from conftest import DATA_DIR, ROOT, config, dm, run_main
+from conftest import DATA_DIR, benchmark, config, dm, run_main
 
 SMALL = ["--epochs=2", "--max_batches=1", "--batch_size=8", f"--data_dir={DATA_DIR}"]  # float16 is slow on CPUs
 
@@ -129,10 +128,8 @@ def test_a_float32_run_resumes_as_float16_with_fresh_scalers(float16, tmp_path, 
 def test_the_gpu_check_runs_dry_on_the_cpu(reader_cache, few_tests_dir, tmp_path, monkeypatch, capsys):
     """benchmarks/gpu_check.py is ready for the first GPU lent: its every step runs here, tiny, with --dry, and
     leaves a summary of each. In this process (one Python process is how it runs on a GPU too)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    monkeypatch.setattr(sys, "argv", [spec.origin, "--dry", f"--data_dir={few_tests_dir}",
+    gpu_check = benchmark("gpu_check")
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--dry", f"--data_dir={few_tests_dir}",
                                       f"--cache_dir={reader_cache}", f"--out={tmp_path}"])
     with pytest.raises(SystemExit) as exit_code:
         gpu_check.main()

@@ -11,7 +11,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from conftest import DATA_DIR, SCRIPT, assert_one_line_error, config, dm, run_main
+from conftest import DATA_DIR, SCRIPT, assert_one_line_error, benchmark, config, dm, run_main
 
 CPU = torch.device("cpu")
 
@@ -58,20 +58,19 @@ def test_a_missing_or_truncated_judge_is_one_line_and_exit_1(damage, tmp_path, m
     assert ("missing" if damage == "missing" else "damaged or altered") in err
 
 
-def test_the_rebuild_command_writes_a_judge_and_compares_it_with_the_shipped_one(tmp_path):
+def test_the_rebuild_command_writes_a_judge_and_compares_it_with_the_shipped_one(tmp_path, monkeypatch, capsys):
     """benchmarks/build_judges.py on a small slice (2,000 digits): the recipe's judge, written with its accuracy and
     SHA-256, then FIDs of the same digits (2,000 a set here) by the shipped and the rebuilt judge, side by side."""
-    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(SCRIPT), "benchmarks", "build_judges.py"),
-                             f"--data_dir={DATA_DIR}", f"--out={tmp_path}", "--n=2000", "--which=judge",
-                             "--compare_n=2000"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setattr(sys, "argv", ["build_judges.py", f"--data_dir={DATA_DIR}", f"--out={tmp_path}", "--n=2000",
+                                      "--which=judge", "--compare_n=2000"])
+    benchmark("build_judges").main()
+    out = capsys.readouterr().out
     path = str(tmp_path / "judge_lenet_v2.pt")
-    assert f"sha256 {dm.file_sha256(path)}" in result.stdout
+    assert f"sha256 {dm.file_sha256(path)}" in out
     saved = torch.load(path, weights_only=True)
     assert 0.85 < saved["test_accuracy"] < 0.99 and saved["model"]["classify.weight"].dtype == torch.float32
-    floor = re.search(r"FID of 2,000 real training digits: shipped judge ([\d.]+), rebuilt ([\d.]+)", result.stdout)
-    assert floor and 3.56 < float(floor[1]) < 50 and float(floor[2]) > 0, result.stdout  # 10,000 a side: 3.56
+    floor = re.search(r"FID of 2,000 real training digits: shipped judge ([\d.]+), rebuilt ([\d.]+)", out)
+    assert floor and 3.56 < float(floor[1]) < 50 and float(floor[2]) > 0, out  # 10,000 a side: 3.56
 
 
 @pytest.mark.slow  # the script's judge recipe, 3 epochs (80 s in float32 on 2 cores): python -m pytest -q -m slow
