@@ -12,10 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from conftest import DATA_DIR, assert_one_line_error, config, dm, run_main
+from conftest import DATA_DIR, NARROW, assert_one_line_error, config, dm, run_main
 
 CPU = torch.device("cpu")
-SMALL = ["--conditional=True", "--max_batches=5", "--batch_size=32", f"--data_dir={DATA_DIR}"]
+SMALL = ["--conditional=True", "--max_batches=5", "--batch_size=32", f"--data_dir={DATA_DIR}", *NARROW]
 
 
 @pytest.fixture(scope="module")

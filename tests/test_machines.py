@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA_DIR, benchmark, config, dm, run_main
+from conftest import DATA_DIR, NARROW, benchmark, config, dm, run_main
 
 SMALL = ["--epochs=2", "--max_batches=1", "--batch_size=8", f"--data_dir={DATA_DIR}"]  # float16 is slow on CPUs
+FLOAT16 = [*SMALL, *NARROW]  # ... the more so at full width
 
 
 @pytest.mark.parametrize("device_type, capability, cpu_bf16, expected", [
@@ -99,15 +100,15 @@ def float16(monkeypatch):
 
 def test_float16_trains_with_grad_scalers_and_resumes_exactly(float16, tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    result = run_main(*SMALL, f"--output_dir={straight}")
+    result = run_main(*FLOAT16, f"--output_dir={straight}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "float16 autocast with a gradient scaler" in result.stdout
     ckpt = torch.load(os.path.join(straight, "last.ckpt"), weights_only=True)
     for name in ("G_scaler", "D_scaler"):  # the scalers' state is saved, so that a resume stays exact
         assert ckpt[name]["scale"] > 0 and ckpt[name]["_growth_tracker"] >= 0
     assert all(torch.isfinite(v).all() for v in ckpt["G"].values())
-    assert run_main(*SMALL, "--epochs=1", f"--output_dir={resumed}").returncode == 0
-    assert run_main(*SMALL, "--resume", f"--output_dir={resumed}").returncode == 0
+    assert run_main(*FLOAT16, "--epochs=1", f"--output_dir={resumed}").returncode == 0
+    assert run_main(*FLOAT16, "--resume", f"--output_dir={resumed}").returncode == 0
     again = torch.load(os.path.join(resumed, "last.ckpt"), weights_only=True)
     for net in ("G", "D", "G_ema", "G_scaler", "D_scaler"):
         for k, v in ckpt[net].items():
@@ -118,9 +119,9 @@ def test_a_float32_run_resumes_as_float16_with_fresh_scalers(float16, tmp_path, 
     out = str(tmp_path / "o")
     with monkeypatch.context() as m:  # the first epoch on a machine without float16 (no scalers saved)
         m.setattr(dm, "precision", lambda device, amp=True: (None, "float32"))
-        assert run_main(*SMALL, "--epochs=1", f"--output_dir={out}").returncode == 0
+        assert run_main(*FLOAT16, "--epochs=1", f"--output_dir={out}").returncode == 0
     assert "G_scaler" not in torch.load(os.path.join(out, "last.ckpt"), weights_only=True)
-    result = run_main(*SMALL, "--resume", f"--output_dir={out}")
+    result = run_main(*FLOAT16, "--resume", f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Epoch [2/2]" in result.stdout
 

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 import torchvision
 
-from conftest import DATA_DIR, assert_one_line_error, config, dm, file_bytes, run_main
+from conftest import DATA_DIR, NARROW, assert_one_line_error, config, dm, file_bytes, run_main
 
 CPU = torch.device("cpu")
 REAL_RAW = os.path.join(DATA_DIR, "MNIST", "raw")
-SMALL = ["--max_batches=10", "--batch_size=16", f"--data_dir={DATA_DIR}"]
+SMALL = ["--max_batches=10", "--batch_size=16", f"--data_dir={DATA_DIR}", *NARROW]
 
 
 def _mnist_folder(folder, files):

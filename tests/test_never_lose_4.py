@@ -12,9 +12,9 @@ import pytest
 import torch
 import torchvision
 
-from conftest import (DATA_DIR, SCRIPT, assert_one_line_error, config, dm, run_main, wait_for)
+from conftest import (DATA_DIR, NARROW, SCRIPT, assert_one_line_error, config, dm, run_main, wait_for)
 
-SMALL = ["--max_batches=4", "--batch_size=16", f"--data_dir={DATA_DIR}"]
+SMALL = ["--max_batches=4", "--batch_size=16", f"--data_dir={DATA_DIR}", *NARROW]
 
 
 @pytest.mark.parametrize("part", dm.TRAINING_STATE_PARTS)

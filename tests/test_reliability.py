@@ -7,11 +7,11 @@ import signal
 import pytest
 import torch
 
-from conftest import (DATA_DIR, assert_one_line_error, dm, file_bytes, run_main, start_script, wait_for)
+from conftest import (DATA_DIR, NARROW, assert_one_line_error, dm, file_bytes, run_main, start_script, wait_for)
 
 # small, fast runs: 2 epochs of 20 batches of 32 images
 SMALL = ["--epochs=2", "--max_batches=20", "--batch_size=32", "--sample_every=1", f"--data_dir={DATA_DIR}",
-         "--device=cpu"]  # on the CPU in this process too, like the runs that start_script interrupts
+         "--device=cpu", *NARROW]  # on the CPU in this process too, like the runs that start_script interrupts
 
 
 def _weights(out):
@@ -81,8 +81,9 @@ def test_sigterm_saves_state_and_exits_143(tmp_path):
 
 def test_second_ctrl_c_quits_at_once_without_touching_files(tmp_path):
     out = str(tmp_path / "twice")
-    # big batches: the first Ctrl-C waits for the end of a batch, the second must not
-    proc = start_script(*SMALL, "--batch_size=512", "--max_batches=2", f"--output_dir={out}")
+    # big batches of the default widths: the first Ctrl-C waits for the end of a batch, the second must not
+    proc = start_script(*SMALL, "--batch_size=256", "--max_batches=1", f"--ngf={dm.NGF}", f"--ndf={dm.NDF}",
+                        f"--output_dir={out}")
     wait_for(lambda: os.path.exists(os.path.join(out, "last.ckpt")) or proc.poll() is not None,
              timeout=300, what="last.ckpt of epoch 1")
     before = file_bytes(out)
