@@ -39,7 +39,7 @@ def test_a_last_ckpt_whose_weights_do_not_fit_resumes_with_one_line(smoke_run, t
 
 def _start_dataset(folder, ckpt, cache):
     """`dataset` in a subprocess, with SIGINT at its default disposition, as a terminal delivers it."""
-    args = ["dataset", "--n", "6000", "--n_test=100", "--measure=500", f"--dataset_dir={folder}", f"--ckpt={ckpt}",
+    args = ["dataset", "--n", "3000", "--n_test=100", "--measure=500", f"--dataset_dir={folder}", f"--ckpt={ckpt}",
             f"--data_dir={DATA_DIR}", f"--cache_dir={cache}", f"--output_dir={folder}_o"]
     return subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
@@ -66,7 +66,7 @@ def test_dataset_stops_cleanly_on_a_signal_and_the_same_command_finishes(signum,
         return  # the same command then completes: checked once
     again = run_main(*args)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert len(torchvision.datasets.MNIST(folder, train=True).targets) == 6000
+    assert len(torchvision.datasets.MNIST(folder, train=True).targets) == 3000
     assert sorted(os.listdir(raw)) == sorted([*dm.RAW_FILES, dm.MANIFEST])
 
 
