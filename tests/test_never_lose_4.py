@@ -125,7 +125,7 @@ def test_every_option_of_every_command_takes_its_value_after_a_space_too():
 
 def test_the_run_says_how_long_it_will_take_and_that_a_budget_is_shorter_than_one_epoch(tmp_path):
     out = str(tmp_path / "o")
-    result = run_main("--max_batches=40", "--batch_size=8", "--epochs=3", "--max_minutes=0.001",
+    result = run_main("--max_batches=40", "--batch_size=8", "--epochs=3", "--max_minutes=0.001", *NARROW,
                       f"--data_dir={DATA_DIR}", f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()

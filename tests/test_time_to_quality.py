@@ -62,7 +62,7 @@ def test_g_steps_gives_g_that_many_steps_per_d_step_and_1_is_the_plain_loop(tmp_
     saved = {}
     for k in (1, 2):
         out = str(tmp_path / f"k{k}")
-        dm.train(config(g_steps=k, epochs=1, max_batches=3, batch_size=32, eval_every=0, output_dir=out))
+        dm.train(config(g_steps=k, epochs=1, max_batches=3, batch_size=32, eval_every=0, ngf=16, ndf=16, output_dir=out))
         saved[k] = torch.load(os.path.join(out, "last.ckpt"), weights_only=True)
         steps = {net: {int(s["step"]) for s in saved[k][f"{net}_optimizer"]["state"].values()} for net in "GD"}
         assert steps == {"D": {3}, "G": {3 * k}}, (k, steps)
