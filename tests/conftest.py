@@ -36,8 +36,9 @@ def find_data_dir():
 
 
 DATA_DIR = find_data_dir()
-# G and D a quarter of the default widths (NGF=64, NDF=32): the same code, a step 3.5 times faster on a CPU. For the
-# tests of resuming, signals and files, where the width changes nothing; the smoke run keeps the script's defaults.
+# G and D at a quarter of the default widths (NGF=64, NDF=32): the same code, a step 3.5 times faster on a CPU. For the
+# small runs of resuming, signals, files, float16 and the conditional mode, where the width changes nothing; the smoke
+# run, the seed test and the numeric checks keep the script's defaults.
 NARROW = ["--ngf=16", "--ndf=16"]
 
 
